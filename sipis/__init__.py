@@ -1,0 +1,3 @@
+"""sipis: keeps mobile softphones SIP-registered and wakes them with pushes."""
+
+__version__ = "0.1.0"

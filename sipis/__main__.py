@@ -1,0 +1,3 @@
+from sipis.cli import main
+
+raise SystemExit(main())

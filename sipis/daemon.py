@@ -1,0 +1,241 @@
+"""The composition root: build every component from the config and run them in one nursery tree.
+
+Lifecycle (STYLE.md item 8):
+
+    outer nursery: store (opened first, closed last), signal watcher
+      inner nursery: SIP endpoint → registration keeper → instance load → sweeper → HTTPS API
+
+Each service is started with ``nursery.start()`` so that ``READY`` means every listener is bound
+and the store is open. SIGTERM/SIGINT: stop taking API requests, unregister nothing (the bindings
+stay at the providers and are refreshed after the restart), let in-flight store writes finish
+(they are shielded), close the store, exit 0. SIGHUP: reload what can change at run time.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import signal
+from pathlib import Path
+
+import attrs
+import trio
+
+from sipis import __version__
+from sipis.api.schemas import ExpiresPolicy
+from sipis.api.server import ApiServer
+from sipis.api.tls import ensure_self_signed
+from sipis.calls.handler import IncomingHandler
+from sipis.config import Config, ConfigError, load_config
+from sipis.instances import DomainLifetime, InstancePolicy, InstanceService
+from sipis.logs import quiet_header_loggers, setup_logging
+from sipis.registrar.binding import BindingPolicy
+from sipis.registrar.keeper import KeeperConfig, RegistrationKeeper
+from sipis.sip.dns import SipResolver
+from sipis.sip.endpoint import EndpointConfig, ListenSpec, SipEndpoint
+from sipis.sip.transaction import TimerConfig
+from sipis.store.crypto import KeyRing
+from sipis.store.sqlite import SqliteStore
+
+log = logging.getLogger(__name__)
+
+
+def endpoint_config(config: Config) -> EndpointConfig:
+    sip = config.sip
+    return EndpointConfig(
+        listen=tuple(
+            ListenSpec(
+                transport=item.transport,
+                host=item.host,
+                port=item.port,
+                public_port=item.public_port,
+                cert_file=item.cert_file,
+                key_file=item.key_file,
+            )
+            for item in sip.listen
+        ),
+        public_host=sip.public_host,
+        timers=TimerConfig(t1=sip.timers.t1, t2=sip.timers.t2, t4=sip.timers.t4),
+        keepalive_interval=sip.keepalive_interval,
+        tcp_idle_timeout=sip.tcp_idle_timeout,
+        max_message_size=sip.max_message_size,
+        upstream_allow=tuple(ipaddress.ip_network(n) for n in sip.upstream_allow),
+        tls_ca_file=sip.tls.ca_file,
+        tls_verify=sip.tls.verify,
+        user_agent=sip.user_agent,
+    )
+
+
+def keeper_config(config: Config) -> KeeperConfig:
+    reg = config.registrar
+    return KeeperConfig(
+        policy=BindingPolicy(
+            refresh_ratio=reg.refresh_ratio,
+            backoff_base=reg.backoff_base,
+            backoff_cap=reg.backoff_cap,
+            auth_failures_before_give_up=reg.auth_failures_before_give_up,
+            user_agent=config.sip.user_agent,
+        ),
+        register_rate=reg.register_rate,
+        register_burst=reg.register_burst,
+        transports=tuple(sorted({item.transport for item in config.sip.listen})),
+    )
+
+
+def instance_policy(config: Config, endpoint: SipEndpoint | None = None) -> InstancePolicy:
+    lifetime = config.lifetime
+    device_registrar = config.api.device_registrar
+    if device_registrar is None:
+        transports = [item.transport for item in config.sip.listen]
+        transport = "tcp" if "tcp" in transports else transports[0]
+        port = (endpoint.contact_host_port(transport)[1] if endpoint is not None
+                else next(i.port for i in config.sip.listen if i.transport == transport))
+        scheme = "sips" if transport == "tls" else "sip"
+        device_registrar = f"{scheme}:{config.sip.public_host}:{port};transport={transport}"
+    return InstancePolicy(
+        lifetime_default=lifetime.default,
+        lifetime_max=lifetime.max,
+        domains={
+            name: DomainLifetime(
+                default=rule.default if rule.default is not None else lifetime.default,
+                max=rule.max if rule.max is not None else lifetime.max,
+            )
+            for name, rule in lifetime.domains.items()
+        },
+        not_registered_max_age=lifetime.not_registered_max_age,
+        allowed_domains=tuple(config.api.allowed_domains),
+        allowed_apps=tuple(config.api.allowed_apps),
+        device_registrar=device_registrar,
+        realm=config.sip.public_host,
+    )
+
+
+def load_keyring(config: Config) -> KeyRing:
+    path = Path(config.store.key_file)
+    if not path.exists() and config.store.create_key_file:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        KeyRing.generate_file(path)
+        log.warning("generated a new store key file at %s (development default)", path)
+    return KeyRing.load(path)
+
+
+@attrs.define
+class Daemon:
+    """One running sipis: the components, for tests and for the signal handlers."""
+
+    config: Config
+    config_path: Path | None = None
+    store: SqliteStore | None = None
+    endpoint: SipEndpoint | None = None
+    keeper: RegistrationKeeper | None = None
+    service: InstanceService | None = None
+    api: ApiServer | None = None
+    api_port: int | None = None
+    ready: bool = False
+    _stop: trio.Event = attrs.Factory(trio.Event)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until SIGTERM/SIGINT or ``request_stop()``."""
+        config = self.config
+        quiet_header_loggers()
+        keyring = load_keyring(config)
+        store_path = Path(config.store.path)
+        store_path.parent.mkdir(parents=True, exist_ok=True)
+        self.store = store = SqliteStore(store_path, keyring)
+        await store.open()
+        try:
+            async with trio.open_nursery() as outer:
+                await outer.start(self._watch_signals)
+                async with trio.open_nursery() as inner:
+                    await self._start_services(inner)
+                    self.ready = True
+                    log.info("sipis %s ready: api port %s, instances %d", __version__,
+                             self.api_port, await store.count())
+                    task_status.started(self)
+                    await self._stop.wait()
+                    log.info("stopping: bindings stay registered upstream until they expire")
+                    self.ready = False
+                    inner.cancel_scope.cancel()
+                outer.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await store.close()
+            log.info("stopped")
+
+    async def _start_services(self, nursery: trio.Nursery) -> None:
+        config = self.config
+        assert self.store is not None
+        resolver = SipResolver(
+            list(config.sip.dns.nameservers), port=config.sip.dns.port,
+            timeout=config.sip.dns.timeout,
+        )
+        local_hosts = {config.sip.public_host, "localhost"}
+        local_hosts.update(item.host for item in config.sip.listen)
+        handler = IncomingHandler(store=self.store, local_hosts=frozenset(local_hosts))
+        self.endpoint = endpoint = SipEndpoint(endpoint_config(config), handler=handler)
+        await nursery.start(endpoint.run)
+        self.keeper = keeper = RegistrationKeeper(
+            endpoint=endpoint, resolver=resolver, store=self.store, config=keeper_config(config)
+        )
+        await nursery.start(keeper.run)
+        self.service = service = InstanceService(
+            store=self.store, keeper=keeper, policy=instance_policy(config, endpoint)
+        )
+        await service.load_all()
+        await nursery.start(service.run_sweeper, lambda: self.config.lifetime.sweep_interval)
+        tls = config.api.tls
+        cert_file, key_file = tls.cert_file, tls.key_file
+        if tls.enabled and cert_file is None:
+            assert tls.self_signed_dir is not None
+            cert_file, key_file = ensure_self_signed(Path(tls.self_signed_dir))
+        self.api = ApiServer(
+            service=service,
+            config=config.api,
+            ready=lambda: self.ready,
+            cert_file=cert_file if tls.enabled else None,
+            key_file=key_file if tls.enabled else None,
+            expires=ExpiresPolicy(
+                default=config.registrar.default_expires,
+                minimum=config.registrar.min_expires,
+                maximum=config.registrar.max_expires,
+            ),
+        )
+        self.api_port = await nursery.start(self.api.run)
+
+    async def _watch_signals(self, *, task_status: trio.TaskStatus[None]) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            task_status.started()
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    self.reload()
+                else:
+                    log.info("received %s", signal.Signals(signum).name)
+                    self.request_stop()
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the file; apply what can change live, keep the old config on error."""
+        if self.config_path is None:
+            log.warning("SIGHUP: no config file to reload")
+            return
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("SIGHUP: keeping the old configuration: %s", exc)
+            return
+        if new.sip.listen != self.config.sip.listen or new.api.listen != self.config.api.listen:
+            log.warning("SIGHUP: listen addresses changed; that takes a restart")
+        self.config = attrs.evolve(new, sip=attrs.evolve(new.sip, listen=self.config.sip.listen),
+                                   api=attrs.evolve(new.api, listen=self.config.api.listen))
+        setup_logging(new.log.level, new.log.format)
+        if self.keeper is not None:
+            self.keeper.reconfigure(keeper_config(self.config))
+        if self.service is not None:
+            self.service.policy = instance_policy(self.config, self.endpoint)
+        log.info("SIGHUP: configuration reloaded")
+
+
+async def run_daemon(config: Config, config_path: Path | None = None) -> None:
+    await Daemon(config=config, config_path=config_path).run()

@@ -1,0 +1,449 @@
+"""Push instances: the one place that creates, changes and wipes them.
+
+Why a service of its own: the HTTPS API, the lifetime sweeper, the admin CLI and (next) the call
+layer's dead-token handling must all end an instance the same way — unREGISTER upstream, delete
+from the store with the bytes really gone, forget it in memory, log one line with the reason.
+Keeping that path in one class makes "wipes are real" checkable in one place.
+
+Errors (what the API maps them to):
+
+    InstanceError
+    ├── ProviderRejected   the registrar refused the credentials (422, names its status)
+    ├── ProviderTimeout    no REGISTER outcome within api.create_timeout (504)
+    ├── ProviderUnreachable the registrar's name does not resolve (422)
+    ├── NotAllowed         AOR domain or app outside the allow-lists (403)
+    └── InvalidInstance    a value that passed the schema but not the policy (400)
+    store.errors.NotFound  unknown instance id (404)
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
+
+import attrs
+import trio
+
+from sipis.registrar.binding import FailureKind
+from sipis.registrar.keeper import RegistrationKeeper
+from sipis.sip.errors import SipParseError
+from sipis.sip.headers import URI
+from sipis.store.base import Store
+from sipis.store.crypto import check_verifier, make_verifier, new_secret
+from sipis.store.errors import StoreError
+from sipis.store.models import InstanceRecord, RegistrationStatus
+
+log = logging.getLogger(__name__)
+
+
+class InstanceError(Exception):
+    """Base of the errors the instance service raises to its callers."""
+
+
+class ProviderRejected(InstanceError):
+    """The provider answered the authenticated REGISTER with a final error: nothing is stored."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"provider rejected the registration: {status} {reason}")
+        self.status = status
+        self.reason = reason
+
+
+class ProviderTimeout(InstanceError):
+    """No REGISTER outcome arrived in time: nothing is stored."""
+
+
+class NotAllowed(InstanceError):
+    """The AOR domain or the app is not on the configured allow-list."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class InvalidInstance(InstanceError):
+    """A field passed the schema but not policy (e.g. registrar URI unusable)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@attrs.frozen
+class NewInstance:
+    """A validated create request (api.schemas builds it from the JSON body)."""
+
+    app: str
+    aor: str
+    username: str
+    password: str = attrs.field(repr=False)
+    registrar: str | None
+    outbound_proxy: str | None
+    expires: int
+    push_provider: str
+    push_token: str = attrs.field(repr=False)
+    push_environment: str | None
+    lifetime: int | None  # seconds; None = the configured default for the domain
+
+
+@attrs.frozen
+class InstanceUpdate:
+    """A validated PATCH: each None field is left as it is."""
+
+    push_token: str | None = attrs.field(default=None, repr=False)
+    push_environment: str | None = None
+    password: str | None = attrs.field(default=None, repr=False)
+    lifetime: int | None = None
+
+
+@attrs.frozen
+class Created:
+    """The outcome of a create: the stored record and the secret, shown to the app once."""
+
+    record: InstanceRecord
+    secret: str = attrs.field(repr=False)
+
+
+@attrs.frozen
+class DeviceInfo:
+    """What the woken app needs to register to sipis (SPEC.md 201 body, "device")."""
+
+    registrar: str
+    username: str
+    realm: str
+
+
+class WipeReason:
+    """Why an instance ended; the values appear in logs and (later) metrics."""
+
+    DELETED = "deleted"
+    EXPIRED = "expired"
+    NOT_REGISTERED = "not-registered"
+    TOKEN_INVALID = "push-token-invalid"  # noqa: S105 — a reason, not a credential
+    ADMIN = "admin"
+
+
+class InstanceServiceAPI(Protocol):
+    """What the HTTPS API and the CLI may call."""
+
+    async def create(self, new: NewInstance) -> Created: ...
+
+    async def get(self, instance_id: str) -> InstanceRecord: ...
+
+    async def authenticate(self, instance_id: str, secret: str) -> InstanceRecord:
+        """The record if the secret matches (constant time); NotFound / Unauthorized otherwise."""
+        ...
+
+    async def update(self, instance_id: str, update: InstanceUpdate) -> InstanceRecord:
+        """Apply a PATCH and count it as heard from the device (extends expiry)."""
+        ...
+
+    async def touch(self, instance_id: str) -> InstanceRecord:
+        """Heard from the device: push expires_at out by the instance's lifetime."""
+        ...
+
+    async def wipe(self, instance_id: str, reason: str) -> bool:
+        """The one wipe path: unREGISTER, delete for good, forget. False if it was unknown."""
+        ...
+
+    async def foreground(self, instance_id: str) -> InstanceRecord:
+        """The app holds the registration itself: unREGISTER, keep the record."""
+        ...
+
+    async def background(self, instance_id: str) -> InstanceRecord:
+        """The app went to the background: register again."""
+        ...
+
+    def registration_status(self, record: InstanceRecord) -> RegistrationStatus:
+        """Live registration state (the keeper's view, fresher than the stored one)."""
+        ...
+
+    def device_info(self, record: InstanceRecord) -> DeviceInfo: ...
+
+
+class Unauthorized(InstanceError):
+    """The bearer secret does not match the instance (401)."""
+
+
+# -- implementation ------------------------------------------------------------------------
+
+
+@attrs.frozen
+class DomainLifetime:
+    """Lifetime policy of one AOR domain (seconds)."""
+
+    default: float
+    max: float
+
+
+@attrs.frozen
+class InstancePolicy:
+    """What the service needs from ``lifetime``, ``api`` and ``sip`` config (SIGHUP swaps it)."""
+
+    lifetime_default: float = 3 * 86400.0
+    lifetime_max: float = 6 * 86400.0
+    domains: Mapping[str, DomainLifetime] = attrs.Factory(dict)
+    not_registered_max_age: float = 12 * 3600.0
+    allowed_domains: tuple[str, ...] = ("*",)
+    allowed_apps: tuple[str, ...] = ("*",)
+    device_registrar: str = "sip:127.0.0.1:5060;transport=tcp"
+    realm: str = "sipis"
+
+    def lifetime_for(self, domain: str, asked: int | None) -> int:
+        """The app's lifetime (or the default), capped by the domain's policy."""
+        rule = self.domains.get(domain.lower())
+        default = rule.default if rule else self.lifetime_default
+        cap = min(rule.max, self.lifetime_max) if rule else self.lifetime_max
+        wanted = float(asked) if asked is not None else default
+        return int(min(max(wanted, 1.0), cap))
+
+
+def allowed(value: str, patterns: Sequence[str]) -> bool:
+    """Allow-list match: ``*`` any, ``*.example.com`` a subdomain, else exact (any case)."""
+    value = value.lower()
+    for pattern in patterns:
+        pattern = pattern.lower()
+        if pattern == "*" or pattern == value:
+            return True
+        if pattern.startswith("*.") and value.endswith(pattern[1:]):
+            return True
+    return False
+
+
+def short_id(instance_id: str) -> str:
+    """Instance ids in logs are shortened: enough to correlate, not to address."""
+    return instance_id[:8]
+
+
+class InstanceService:
+    """Creates, changes and wipes push instances; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        keeper: RegistrationKeeper,
+        policy: InstancePolicy,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._keeper = keeper
+        self.policy = policy
+        self._clock = clock
+        # id → (expires_at, created_at): what the sweeper needs, without decrypting every row.
+        self._expiry: dict[str, tuple[float, float]] = {}
+        self._handed_to_app: set[str] = set()
+        self._locks: dict[str, trio.Lock] = {}
+
+    # -- start-up and sweeping --------------------------------------------------------------
+
+    async def load_all(self) -> int:
+        """Re-register every live stored instance (the keeper's rate limit spreads them)."""
+        records = await self._store.list_all()
+        now = self._clock()
+        kept = 0
+        for record in records:
+            self._expiry[record.id] = (record.expires_at, record.created_at)
+            if record.expires_at <= now:
+                await self.wipe(record.id, WipeReason.EXPIRED)
+                continue
+            if record.registration.state == "unregistered":
+                self._handed_to_app.add(record.id)  # the app holds it (foreground)
+                continue
+            self._keeper.adopt(record)
+            kept += 1
+        log.info("loaded instances=%d registering=%d", len(records), kept)
+        return kept
+
+    async def sweep(self) -> int:
+        """Wipe every instance past its lifetime or unregistered past the max age."""
+        now = self._clock()
+        wiped = 0
+        for instance_id, (expires_at, created_at) in list(self._expiry.items()):
+            reason = None
+            if expires_at <= now:
+                reason = WipeReason.EXPIRED
+            elif instance_id not in self._handed_to_app:
+                status = self._keeper.status(instance_id)
+                last_ok = status.last_registered_at if status else None
+                since = last_ok if last_ok is not None else created_at
+                registered = status is not None and status.state == "registered"
+                if not registered and now - since >= self.policy.not_registered_max_age:
+                    reason = WipeReason.NOT_REGISTERED
+            if reason is not None and await self.wipe(instance_id, reason):
+                wiped += 1
+        return wiped
+
+    async def run_sweeper(
+        self,
+        interval: Callable[[], float],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Sweep every ``interval()`` seconds until cancelled (interval may change on SIGHUP)."""
+        task_status.started()
+        while True:
+            await trio.sleep(interval())
+            try:
+                await self.sweep()
+            except StoreError:
+                log.exception("lifetime sweep failed; trying again next interval")
+
+    # -- the API's calls --------------------------------------------------------------------
+
+    async def create(self, new: NewInstance) -> Created:
+        aor = URI.parse(new.aor)
+        if not allowed(aor.host, self.policy.allowed_domains):
+            raise NotAllowed("sip.aor", f"the domain {aor.host!r} is not served here")
+        if not allowed(new.app, self.policy.allowed_apps):
+            raise NotAllowed("app", f"the app {new.app!r} is not served here")
+        for field, value in (("sip.registrar", new.registrar),
+                             ("sip.outbound_proxy", new.outbound_proxy)):
+            if value is not None:
+                try:
+                    URI.parse(value)
+                except SipParseError as exc:
+                    raise InvalidInstance(field, str(exc)) from exc
+        now = self._clock()
+        lifetime = self.policy.lifetime_for(aor.host, new.lifetime)
+        secret = new_secret()
+        record = InstanceRecord(
+            id=_token(16),
+            secret_verifier=make_verifier(secret),
+            app=new.app,
+            aor=new.aor,
+            username=new.username,
+            password=new.password,
+            registrar=new.registrar,
+            outbound_proxy=new.outbound_proxy,
+            expires=new.expires,
+            push_provider=new.push_provider,
+            push_token=new.push_token,
+            push_environment=new.push_environment,
+            contact_token=_token(18),
+            instance_urn=f"urn:uuid:{uuid.uuid4()}",
+            lifetime=lifetime,
+            created_at=now,
+            last_heard_at=now,
+            expires_at=now + lifetime,
+            registration=RegistrationStatus(state="registering"),
+        )
+        outcome = await self._keeper.register_first(record)
+        if not outcome.registered:
+            log.info("instance create refused domain=%s outcome=%r", aor.host, outcome.reason)
+            if outcome.failure is FailureKind.RESOLVE:
+                raise ProviderUnreachable(outcome.reason)
+            if outcome.status is None:
+                raise ProviderTimeout(outcome.reason)
+            raise ProviderRejected(outcome.status, outcome.reason)
+        record = attrs.evolve(record, registration=self._keeper.status(record.id)
+                              or record.registration)
+        try:
+            with trio.CancelScope(shield=True):
+                await self._store.insert(record)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._keeper.remove(record.id)
+            raise
+        self._expiry[record.id] = (record.expires_at, record.created_at)
+        log.info("instance=%s created app=%s domain=%s lifetime=%d", short_id(record.id),
+                 record.app, aor.host, lifetime)
+        return Created(record=record, secret=secret)
+
+    async def get(self, instance_id: str) -> InstanceRecord:
+        record = await self._store.get(instance_id)
+        return attrs.evolve(record, registration=self.registration_status(record))
+
+    async def authenticate(self, instance_id: str, secret: str) -> InstanceRecord:
+        record = await self._store.get(instance_id)
+        if not check_verifier(secret, record.secret_verifier):
+            raise Unauthorized("the bearer secret does not match")
+        return record
+
+    async def update(self, instance_id: str, update: InstanceUpdate) -> InstanceRecord:
+        async with self._lock(instance_id):
+            record = await self._store.get(instance_id)
+            changes: dict[str, object] = {}
+            if update.push_token is not None:
+                changes["push_token"] = update.push_token
+            if update.push_environment is not None:
+                changes["push_environment"] = update.push_environment
+            if update.password is not None:
+                changes["password"] = update.password
+            if update.lifetime is not None:
+                changes["lifetime"] = self.policy.lifetime_for(
+                    URI.parse(record.aor).host, update.lifetime
+                )
+            record = attrs.evolve(record, **changes)  # type: ignore[arg-type]
+            record = await self._heard_from(record)
+            self._keeper.update_record(record)
+        return attrs.evolve(record, registration=self.registration_status(record))
+
+    async def touch(self, instance_id: str) -> InstanceRecord:
+        async with self._lock(instance_id):
+            record = await self._heard_from(await self._store.get(instance_id))
+        return attrs.evolve(record, registration=self.registration_status(record))
+
+    async def wipe(self, instance_id: str, reason: str) -> bool:
+        """The one wipe path: unREGISTER, delete for good, forget; one log line."""
+        async with self._lock(instance_id):
+            with trio.CancelScope(shield=True):
+                await self._keeper.remove(instance_id)
+                deleted = await self._store.delete(instance_id)
+            self._expiry.pop(instance_id, None)
+            self._handed_to_app.discard(instance_id)
+        self._locks.pop(instance_id, None)
+        if deleted:
+            log.info("instance=%s wiped reason=%s", short_id(instance_id), reason)
+        return deleted
+
+    async def foreground(self, instance_id: str) -> InstanceRecord:
+        async with self._lock(instance_id):
+            record = await self._heard_from(await self._store.get(instance_id))
+            await self._keeper.remove(instance_id)
+            status = RegistrationStatus(state="unregistered", last_error=None)
+            await self._store.set_registration(instance_id, status)
+            self._handed_to_app.add(instance_id)
+        log.info("instance=%s handed to the app (foreground)", short_id(instance_id))
+        return attrs.evolve(record, registration=status)
+
+    async def background(self, instance_id: str) -> InstanceRecord:
+        async with self._lock(instance_id):
+            record = await self._heard_from(await self._store.get(instance_id))
+            self._handed_to_app.discard(instance_id)
+            self._keeper.adopt(record)
+        log.info("instance=%s taken back (background)", short_id(instance_id))
+        return attrs.evolve(record, registration=self.registration_status(record))
+
+    def registration_status(self, record: InstanceRecord) -> RegistrationStatus:
+        return self._keeper.status(record.id) or record.registration
+
+    def device_info(self, record: InstanceRecord) -> DeviceInfo:
+        return DeviceInfo(
+            registrar=self.policy.device_registrar, username=record.id, realm=self.policy.realm
+        )
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _lock(self, instance_id: str) -> trio.Lock:
+        return self._locks.setdefault(instance_id, trio.Lock())
+
+    async def _heard_from(self, record: InstanceRecord) -> InstanceRecord:
+        now = self._clock()
+        record = attrs.evolve(record, last_heard_at=now, expires_at=now + record.lifetime)
+        await self._store.replace(record)
+        self._expiry[record.id] = (record.expires_at, record.created_at)
+        return record
+
+
+class ProviderUnreachable(InstanceError):
+    """The registrar's name did not resolve (RFC 3263 found no target): nothing is stored (422)."""
+
+
+def _token(nbytes: int) -> str:
+    """An unguessable URL- and SIP-user-safe token (base64url without padding)."""
+    return secrets.token_urlsafe(nbytes)

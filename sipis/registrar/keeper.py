@@ -1,0 +1,526 @@
+"""The registration keeper: every instance's upstream binding, driven on trio.
+
+Strategy: one ``Binding`` (sans-IO, ``binding.py``) per instance, one heap of wake-up times, and
+one dispatcher task that fires due bindings. Every REGISTER that leaves — first, refresh, auth
+retry, unREGISTER — first takes a token from one global bucket (``register_rate`` per second,
+``register_burst`` deep), so that a restart with many instances spreads its REGISTERs instead of
+storming the provider. The dispatcher takes the token *before* it starts a task, so a cold start
+with 100k due bindings holds 100k heap entries, not 100k waiting tasks.
+
+The keeper persists a binding's status when its state or error changes (and its last success at
+most every ``PERSIST_REGISTERED_EVERY`` seconds): a refresh does not cost a disk write.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import random
+import time
+from collections.abc import Sequence
+from typing import Protocol
+
+import attrs
+import trio
+
+from sipis.registrar.binding import (
+    Action,
+    Binding,
+    BindingParams,
+    BindingPolicy,
+    FailureKind,
+    Outcome,
+    RegState,
+    Schedule,
+    SendRegister,
+    StatusChanged,
+)
+from sipis.sip.dns import Target
+from sipis.sip.errors import ResolveError, SipParseError, TransactionTimeout, TransportError
+from sipis.sip.headers import URI, Address
+from sipis.sip.message import SipRequest
+from sipis.store.errors import NotFound, StoreError
+from sipis.store.models import InstanceRecord, RegistrationStatus
+
+log = logging.getLogger(__name__)
+
+#: Persist last_registered_at at least this often (seconds) while a binding stays up, so a
+#: restart does not mistake a healthy instance for one unregistered past its max age.
+PERSIST_REGISTERED_EVERY = 600.0
+
+
+class ClientResultLike(Protocol):
+    @property
+    def response(self) -> object: ...
+
+    @property
+    def flow(self) -> object: ...
+
+
+class Endpoint(Protocol):
+    """The part of ``sipis.sip.endpoint.SipEndpoint`` the keeper uses."""
+
+    async def request(self, request: SipRequest, targets: Sequence[Target]) -> ClientResultLike: ...
+
+    def contact_host_port(self, transport: str) -> tuple[str, int]: ...
+
+    def flow_closed_channel(self) -> trio.MemoryReceiveChannel[object]: ...
+
+
+class Resolver(Protocol):
+    async def resolve(self, uri: URI) -> Sequence[Target]: ...
+
+
+class StatusStore(Protocol):
+    async def set_registration(self, instance_id: str, status: RegistrationStatus) -> None: ...
+
+
+@attrs.frozen
+class KeeperConfig:
+    """The ``registrar`` section as the keeper needs it."""
+
+    policy: BindingPolicy = attrs.Factory(BindingPolicy)
+    register_rate: float = 100.0
+    register_burst: int = 20
+    unregister_wait: float = 5.0  # how long remove() waits for the Expires: 0 answer
+    transports: tuple[str, ...] = ("udp", "tcp")  # what we listen on, i.e. can put in a Contact
+
+
+class TokenBucket:
+    """A token bucket on trio's clock: ``rate`` tokens per second, at most ``burst`` saved up."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError("rate must be > 0 and burst >= 1")
+        self.rate = rate
+        self.burst = float(burst)
+        self._tokens = float(burst)
+        self._stamp: float | None = None
+        self._lock = trio.Lock()  # FIFO: waiters are served in order
+
+    def _refill(self, now: float) -> None:
+        if self._stamp is None:
+            self._stamp = now
+        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+
+    async def acquire(self) -> None:
+        """Wait until a token is free and take it."""
+        async with self._lock:
+            self._refill(trio.current_time())
+            if self._tokens < 1.0:
+                await trio.sleep((1.0 - self._tokens) / self.rate)
+                self._refill(trio.current_time())
+            self._tokens -= 1.0
+
+
+@attrs.define
+class _Entry:
+    """The keeper's per-instance state around the sans-IO binding."""
+
+    record: InstanceRecord
+    binding: Binding
+    target_uri: URI  # where REGISTERs go: the outbound proxy, else the registrar
+    flow: object | None = None
+    scheduled_at: float | None = None
+    busy: bool = False  # a task is driving this binding's actions now
+    needs_start: bool = True  # next fire is Binding.start(), not a refresh
+    first_outcome: Outcome | None = None
+    outcome_event: trio.Event = attrs.Factory(trio.Event)
+    unregistered_event: trio.Event = attrs.Factory(trio.Event)
+    persisted: RegistrationStatus | None = None
+    removed: bool = False
+
+
+@attrs.frozen
+class KeeperStatistics:
+    bindings: int
+    by_state: dict[str, int]
+    registers_sent: int
+    scheduled: int
+
+
+class RegistrationKeeper:
+    """Keeps every instance's REGISTER binding alive at its provider."""
+
+    def __init__(
+        self,
+        *,
+        endpoint: Endpoint,
+        resolver: Resolver,
+        store: StatusStore,
+        config: KeeperConfig,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._endpoint = endpoint
+        self._resolver = resolver
+        self._store = store
+        self.config = config
+        self._rng = rng or random.Random()  # noqa: S311 — jitter only
+        self._bucket = TokenBucket(config.register_rate, config.register_burst)
+        self._entries: dict[str, _Entry] = {}
+        self._heap: list[tuple[float, int, str]] = []
+        self._seq = 0
+        self._wakeup = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._wall_offset = time.time() - _now_or_zero()
+        self.registers_sent = 0
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the dispatcher and the flow watcher until cancelled."""
+        self._wall_offset = time.time() - trio.current_time()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._watch_flows)
+            nursery.start_soon(self._dispatch)
+            task_status.started()
+
+    def reconfigure(self, config: KeeperConfig) -> None:
+        """New registrar settings (SIGHUP): rate and policy apply to the next REGISTERs."""
+        self.config = config
+        self._bucket.rate = config.register_rate
+        self._bucket.burst = float(config.register_burst)
+        for entry in self._entries.values():
+            entry.binding.policy = config.policy
+
+    # -- public API -------------------------------------------------------------------------
+
+    async def register_first(self, record: InstanceRecord) -> Outcome:
+        """Register a new instance and wait for the first outcome (the API's create).
+
+        On success the binding stays kept (call ``adopt_registered`` once it is stored, or
+        ``remove`` if storing failed); on failure it is dropped. Cancelling the wait (the API's
+        timeout) unREGISTERs whatever may have been bound in the meantime.
+        """
+        entry = self._new_entry(record)
+        self._entries[record.id] = entry
+        try:
+            self._fire(entry, prepaid=False)
+            await entry.outcome_event.wait()
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.remove(record.id, wait=False)
+            raise
+        outcome = entry.first_outcome
+        assert outcome is not None
+        if not outcome.registered:
+            self._forget(record.id)
+        return outcome
+
+    def adopt(self, record: InstanceRecord, *, delay: float = 0.0) -> None:
+        """Keep an instance loaded from the store: register it again (after ``delay``)."""
+        if record.id in self._entries:
+            return
+        entry = self._new_entry(record, report_outcome=False)
+        entry.first_outcome = Outcome(False, None, "adopted")  # no API call waits on it
+        entry.outcome_event.set()
+        self._entries[record.id] = entry
+        self._schedule(entry, trio.current_time() + delay)
+
+    def update_record(self, record: InstanceRecord) -> None:
+        """The app changed the instance: a new password applies to the next REGISTER."""
+        entry = self._entries.get(record.id)
+        if entry is None:
+            return
+        if record.password != entry.record.password:
+            entry.binding.update_password(record.password)
+            if entry.binding.state in (RegState.AUTH_FAILED, RegState.BACKOFF):
+                self._schedule(entry, trio.current_time())
+        entry.record = record
+
+    async def remove(self, instance_id: str, *, wait: bool = True) -> None:
+        """Send Expires: 0 and stop keeping the instance (wipe, DELETE, foreground)."""
+        entry = self._entries.get(instance_id)
+        if entry is None:
+            return
+        entry.removed = True
+        actions = entry.binding.unregister(trio.current_time())
+        self._run_actions(entry, actions)
+        if wait:
+            with trio.move_on_after(self.config.unregister_wait):
+                await entry.unregistered_event.wait()
+        self._forget(instance_id)
+
+    def status(self, instance_id: str) -> RegistrationStatus | None:
+        """The live registration status (wall-clock times), None if not kept."""
+        entry = self._entries.get(instance_id)
+        if entry is None:
+            return None
+        b = entry.binding
+        return self._to_status(
+            StatusChanged(b.state, b.last_error, b.next_attempt_at, b.granted_expires,
+                          b.last_registered_at)
+        )
+
+    def is_kept(self, instance_id: str) -> bool:
+        return instance_id in self._entries
+
+    def statistics(self) -> KeeperStatistics:
+        by_state: dict[str, int] = {}
+        for entry in self._entries.values():
+            key = entry.binding.state.value
+            by_state[key] = by_state.get(key, 0) + 1
+        return KeeperStatistics(
+            bindings=len(self._entries),
+            by_state=by_state,
+            registers_sent=self.registers_sent,
+            scheduled=len(self._heap),
+        )
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _new_entry(self, record: InstanceRecord, *, report_outcome: bool = True) -> _Entry:
+        aor = URI.parse(record.aor)
+        registrar = (
+            URI.parse(record.registrar)
+            if record.registrar
+            else URI(scheme=aor.scheme, user=None, host=aor.host, port=aor.port)
+        )
+        registrar = attrs.evolve(registrar, user=None, password=None, headers=())
+        target_uri = URI.parse(record.outbound_proxy) if record.outbound_proxy else registrar
+        transport = _preferred_transport(target_uri, self.config.transports)
+        params = BindingParams(
+            aor=aor,
+            username=record.username,
+            password=record.password,
+            registrar=registrar,
+            contact=self._contact(record, transport),
+            expires=record.expires,
+        )
+        binding = Binding(params, self.config.policy, rng=self._rng, report_outcome=report_outcome)
+        return _Entry(record=record, binding=binding, target_uri=target_uri)
+
+    def _contact(self, record: InstanceRecord, transport: str) -> Address:
+        host, port = self._endpoint.contact_host_port(transport)
+        uri = URI(scheme="sip", user=record.contact_token, host=host, port=port,
+                  params=(("transport", transport),))
+        return Address(uri=uri, params=(("+sip.instance", f'"<{record.instance_urn}>"'),))
+
+    def _schedule(self, entry: _Entry, at: float | None) -> None:
+        entry.scheduled_at = at
+        if at is None:
+            return
+        self._seq += 1
+        heapq.heappush(self._heap, (at, self._seq, entry.record.id))
+        self._wakeup.set()
+
+    def _forget(self, instance_id: str) -> None:
+        entry = self._entries.pop(instance_id, None)
+        if entry is not None:
+            entry.scheduled_at = None  # lazy heap deletion
+
+    async def _dispatch(self) -> None:
+        """Fire bindings as they fall due, one bucket token each."""
+        while True:
+            self._wakeup = trio.Event()
+            if not self._heap:
+                await self._wakeup.wait()
+                continue
+            at, _, instance_id = self._heap[0]
+            entry = self._entries.get(instance_id)
+            if entry is None or entry.scheduled_at != at:
+                heapq.heappop(self._heap)  # stale
+                continue
+            now = trio.current_time()
+            if at > now:
+                with trio.move_on_at(at):
+                    await self._wakeup.wait()
+                continue
+            if entry.busy:
+                # The running task will schedule it again; look at it then.
+                heapq.heappop(self._heap)
+                entry.scheduled_at = None
+                continue
+            # Pay for the REGISTER before starting its task: a cold start with many due
+            # bindings then waits here, in the heap, not as thousands of waiting tasks.
+            await self._bucket.acquire()
+            if entry.scheduled_at != at or entry.busy or entry.record.id not in self._entries:
+                continue  # changed while we waited; the heap has its new schedule
+            heapq.heappop(self._heap)
+            entry.scheduled_at = None
+            self._fire(entry, prepaid=True)
+
+    def _fire(self, entry: _Entry, *, prepaid: bool) -> None:
+        assert self._nursery is not None, "RegistrationKeeper.run() is not running"
+        entry.busy = True
+        self._nursery.start_soon(self._drive, entry, prepaid)
+
+    def _run_actions(self, entry: _Entry, actions: list[Action]) -> None:
+        """Actions produced outside a driving task (remove): hand sends to a new task."""
+        sends = self._apply_local(entry, actions)
+        if sends:
+            if entry.busy:
+                return  # the driving task is mid-transaction; it sends the next REGISTER
+            assert self._nursery is not None
+            entry.busy = True
+            self._nursery.start_soon(self._drive_sends, entry, sends)
+
+    async def _drive(self, entry: _Entry, prepaid: bool) -> None:
+        try:
+            await self._resolve_contact(entry)
+            now = trio.current_time()
+            if entry.needs_start:
+                entry.needs_start = False
+                actions = entry.binding.start(now)
+            else:
+                actions = entry.binding.on_timer(now)
+            sends = self._apply_local(entry, actions)
+            await self._send_all(entry, sends, prepaid=prepaid)
+        finally:
+            entry.busy = False
+
+    async def _drive_sends(self, entry: _Entry, sends: list[SendRegister]) -> None:
+        try:
+            await self._send_all(entry, sends)
+        finally:
+            entry.busy = False
+
+    async def _resolve_contact(self, entry: _Entry) -> None:
+        """Pick the Contact's transport from where RFC 3263 sends us (before anything is bound)."""
+        if entry.binding.state == RegState.REGISTERED:
+            return
+        try:
+            targets = await self._resolver.resolve(entry.target_uri)
+        except ResolveError:
+            return  # the send reports it
+        for target in targets:
+            if target.transport in self.config.transports:
+                entry.binding.set_contact(self._contact(entry.record, target.transport))
+                return
+
+    async def _send_all(
+        self, entry: _Entry, sends: list[SendRegister], *, prepaid: bool = False
+    ) -> None:
+        queue = list(sends)
+        while queue:
+            send = queue.pop(0)
+            if prepaid:
+                prepaid = False
+            else:
+                await self._bucket.acquire()
+            actions = await self._transact(entry, send.request)
+            queue.extend(self._apply_local(entry, actions))
+        await self._persist(entry)
+
+    async def _transact(self, entry: _Entry, request: SipRequest) -> list[Action]:
+        self.registers_sent += 1
+        contact_transport = entry.binding.params.contact.uri.transport or "udp"
+        try:
+            targets = [
+                t for t in await self._resolver.resolve(entry.target_uri)
+                if t.transport == contact_transport
+            ]
+            if not targets:
+                raise ResolveError(f"no {contact_transport} target for {entry.target_uri.host}")
+            result = await self._endpoint.request(request, targets)
+        except ResolveError as exc:
+            return entry.binding.on_failure(FailureKind.RESOLVE, str(exc), trio.current_time())
+        except TransactionTimeout as exc:
+            return entry.binding.on_failure(FailureKind.TIMEOUT, str(exc), trio.current_time())
+        except (TransportError, SipParseError) as exc:
+            return entry.binding.on_failure(FailureKind.TRANSPORT, str(exc), trio.current_time())
+        entry.flow = result.flow
+        response = result.response
+        return entry.binding.on_response(response, trio.current_time())  # type: ignore[arg-type]
+
+    def _apply_local(self, entry: _Entry, actions: list[Action]) -> list[SendRegister]:
+        """Apply schedule/outcome/status actions; return the REGISTERs still to send."""
+        sends: list[SendRegister] = []
+        for action in actions:
+            if isinstance(action, SendRegister):
+                sends.append(action)
+            elif isinstance(action, Schedule):
+                if not entry.removed:
+                    self._schedule(entry, action.at)
+            elif isinstance(action, Outcome):
+                if entry.first_outcome is None:
+                    entry.first_outcome = action
+                    entry.outcome_event.set()
+            elif isinstance(action, StatusChanged):
+                self._log_status(entry, action)
+                if action.state == RegState.UNREGISTERED:
+                    entry.unregistered_event.set()
+        return sends
+
+    def _log_status(self, entry: _Entry, status: StatusChanged) -> None:
+        if status.state in (RegState.REGISTERED, RegState.REGISTERING):
+            log.debug("instance=%s registration=%s expires=%s", _short(entry.record.id),
+                      status.state.value, status.granted_expires)
+        else:
+            log.info("instance=%s registration=%s error=%r", _short(entry.record.id),
+                     status.state.value, status.last_error)
+
+    async def _persist(self, entry: _Entry) -> None:
+        if entry.removed or entry.record.id not in self._entries:
+            return
+        b = entry.binding
+        status = self._to_status(
+            StatusChanged(b.state, b.last_error, b.next_attempt_at, b.granted_expires,
+                          b.last_registered_at)
+        )
+        old = entry.persisted
+        if old is not None and old.state == status.state and old.last_error == status.last_error:
+            stale = (status.last_registered_at or 0.0) - (old.last_registered_at or 0.0)
+            if stale < PERSIST_REGISTERED_EVERY:
+                return
+        try:
+            await self._store.set_registration(entry.record.id, status)
+        except NotFound:
+            return  # wiped meanwhile (or not stored yet: the create path stores it itself)
+        except StoreError:
+            log.exception("instance=%s could not persist registration status",
+                          _short(entry.record.id))
+            return
+        entry.persisted = status
+
+    def _to_status(self, s: StatusChanged) -> RegistrationStatus:
+        def wall(t: float | None) -> float | None:
+            return None if t is None else t + self._wall_offset
+
+        # IDLE and UNREGISTERING are passing states of the machine, not of the API.
+        state = {RegState.IDLE: "registering", RegState.UNREGISTERING: "unregistered"}.get(
+            s.state, s.state.value
+        )
+        return RegistrationStatus(
+            state=state,
+            last_error=s.last_error,
+            next_attempt_at=wall(s.next_attempt_at),
+            granted_expires=s.granted_expires,
+            last_registered_at=wall(s.last_registered_at),
+        )
+
+    async def _watch_flows(self) -> None:
+        """A TCP/TLS flow dropped: every binding on it must register again (RFC 5626 §4.4)."""
+        channel = self._endpoint.flow_closed_channel()
+        async for flow in channel:
+            now = trio.current_time()
+            for entry in list(self._entries.values()):
+                if entry.flow != flow or entry.removed:
+                    continue
+                entry.flow = None
+                log.info("instance=%s flow lost, registering again", _short(entry.record.id))
+                self._run_actions(entry, entry.binding.on_flow_lost(now))
+
+
+def _preferred_transport(uri: URI, transports: Sequence[str]) -> str:
+    explicit = uri.transport
+    if explicit:
+        return explicit.lower()
+    if uri.scheme == "sips":
+        return "tls"
+    return "udp" if "udp" in transports else transports[0]
+
+
+def _short(instance_id: str) -> str:
+    """Instance ids in logs are shortened: enough to correlate, not to address."""
+    return instance_id[:8]
+
+
+def _now_or_zero() -> float:
+    try:
+        return trio.current_time()
+    except RuntimeError:
+        return 0.0
+

@@ -1,0 +1,98 @@
+"""Shared fixtures. Real test peers (tests/peers/) are started per test on 127.0.0.1.
+
+- `kamailio`: a started Kamailio registrar/proxy with users alice and bob (`DEFAULT_USERS`).
+- `kamailio_factory(**KamailioConfig fields, port=None, start=True)`: custom providers.
+- `dns_server_factory(records, ttl=30, port=None)`: a started dnsmasq serving `records`.
+Every peer's log is attached to the report of a test that fails while it exists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Iterable, Iterator
+from typing import Any, Protocol
+
+import pytest
+
+from tests.peers import dnsserver
+from tests.peers import kamailio as kamailio_peer
+from tests.peers.dnsserver import DnsServer, Record
+from tests.peers.kamailio import Kamailio, KamailioConfig
+
+DEFAULT_USERS = {"alice": "alice-secret-pw", "bob": "bob-secret-pw"}
+_LOG_LINES = 300
+
+
+class _HasLogs(Protocol):
+    def iter_logs(self) -> Iterator[tuple[str, str]]: ...
+
+
+_PEERS = pytest.StashKey[list[_HasLogs]]()
+
+
+def _track(request: pytest.FixtureRequest, peer: _HasLogs) -> None:
+    request.node.stash.setdefault(_PEERS, []).append(peer)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Attach the tail of each peer's log to a failing test's report."""
+    report = yield
+    if report.failed:
+        for peer in item.stash.get(_PEERS, []):
+            for title, text in peer.iter_logs():
+                report.sections.append((title, "\n".join(text.splitlines()[-_LOG_LINES:])))
+    return report
+
+
+KamailioFactory = Callable[..., Kamailio]
+DnsServerFactory = Callable[..., DnsServer]
+
+
+@pytest.fixture
+def kamailio_factory(request: pytest.FixtureRequest) -> Iterator[KamailioFactory]:
+    """Build (and by default start) Kamailio peers; all are stopped and removed afterwards."""
+    if not kamailio_peer.available():
+        pytest.skip("kamailio/kamcmd not installed")
+    made: list[Kamailio] = []
+
+    def make(*, port: int | None = None, start: bool = True, **params: Any) -> Kamailio:
+        params.setdefault("users", DEFAULT_USERS)
+        peer = Kamailio(KamailioConfig(**params), port=port)
+        made.append(peer)
+        _track(request, peer)
+        if start:
+            peer.start()
+        return peer
+
+    yield make
+    for peer in made:
+        peer.close()
+
+
+@pytest.fixture
+def kamailio(kamailio_factory: KamailioFactory) -> Kamailio:
+    """A started Kamailio on 127.0.0.1 with users alice and bob, domain/realm "sip.test"."""
+    return kamailio_factory()
+
+
+@pytest.fixture
+def dns_server_factory(request: pytest.FixtureRequest) -> Iterator[DnsServerFactory]:
+    """Start dnsmasq instances serving given records; all are stopped afterwards."""
+    if not dnsserver.available():
+        pytest.skip("dnsmasq not installed")
+    made: list[DnsServer] = []
+
+    def make(
+        records: Iterable[Record] = (), *, ttl: int = 30, port: int | None = None
+    ) -> DnsServer:
+        server = DnsServer(records, ttl=ttl, port=port)
+        made.append(server)
+        _track(request, server)
+        server.start()
+        return server
+
+    yield make
+    for server in made:
+        server.close()

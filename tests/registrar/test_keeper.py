@@ -1,0 +1,309 @@
+"""The trio keeper: pacing, refreshes, removal and flow loss, against an in-memory registrar.
+
+The registrar here is a small digest-checking fake speaking real SIP messages; the tests against
+a real Kamailio are in tests/test_registration_kamailio.py.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import attrs
+import pytest
+import trio
+import trio.testing
+
+from sipis.registrar.binding import BindingPolicy, RegState
+from sipis.registrar.keeper import KeeperConfig, RegistrationKeeper, TokenBucket
+from sipis.sip.digest import make_challenge, verify_authorization
+from sipis.sip.errors import TransactionTimeout
+from sipis.sip.headers import URI
+from sipis.sip.message import SipRequest, SipResponse, make_response
+from sipis.store.errors import NotFound
+from sipis.store.models import InstanceRecord, RegistrationStatus
+
+
+@attrs.frozen
+class FakeTarget:  # shaped like sipis.sip.dns.Target
+    transport: str = "udp"
+
+
+@attrs.frozen
+class FakeResult:
+    response: SipResponse
+    flow: object | None
+
+
+class FakeRegistrar:
+    """Answers REGISTERs like a digest-checking registrar; records what it saw, and when."""
+
+    def __init__(self, *, grant: int = 60, password: str = "pw") -> None:
+        self.grant = grant
+        self.password = password
+        self.down = False
+        self.seen: list[tuple[float, SipRequest]] = []
+        self.bindings: dict[str, float] = {}  # contact token -> expiry time
+        self.flow_send, self.flow_recv = trio.open_memory_channel[object](100)
+        self.flow: object = ("tcp", "127.0.0.1", 5060)
+
+    # -- the Endpoint protocol --
+    async def request(self, request: SipRequest, targets: Sequence[object]) -> FakeResult:
+        now = trio.current_time()
+        self.seen.append((now, request))
+        await trio.sleep(0.001)
+        if self.down:
+            await trio.sleep(32)
+            raise TransactionTimeout("Timer F")
+        auth = request.headers.get("Authorization")
+        user = None
+        if auth:
+            user = verify_authorization(
+                auth, method="REGISTER",
+                password_lookup=lambda u: self.password if u == "alice" else None,
+                realm="sip.test",
+            )
+        if user is None:
+            resp = make_response(request, 401)
+            resp.headers.add("WWW-Authenticate",
+                             make_challenge("sip.test", f"nonce{len(self.seen)}", algorithm="MD5"))
+            return FakeResult(resp, self.flow)
+        contact = request.headers.get("Contact") or ""
+        token = contact.split("sip:", 1)[1].split("@", 1)[0]
+        expires = int(request.headers.get("Expires") or "0")
+        if expires == 0:
+            self.bindings.pop(token, None)
+            return FakeResult(make_response(request, 200), self.flow)
+        self.bindings[token] = now + self.grant
+        resp = make_response(request, 200)
+        resp.headers.add("Contact", f"{contact};expires={self.grant}")
+        return FakeResult(resp, self.flow)
+
+    def contact_host_port(self, transport: str) -> tuple[str, int]:
+        return ("127.0.0.1", 5070)
+
+    def flow_closed_channel(self) -> trio.MemoryReceiveChannel[object]:
+        return self.flow_recv
+
+
+class FakeResolver:
+    async def resolve(self, uri: URI) -> list[FakeTarget]:
+        return [FakeTarget("udp")]
+
+
+class FakeStatusStore:
+    def __init__(self) -> None:
+        self.statuses: dict[str, RegistrationStatus] = {}
+        self.known: set[str] = set()
+
+    async def set_registration(self, instance_id: str, status: RegistrationStatus) -> None:
+        if instance_id not in self.known:
+            raise NotFound(instance_id)
+        self.statuses[instance_id] = status
+
+
+def record(n: int, password: str = "pw") -> InstanceRecord:
+    return InstanceRecord(
+        id=f"inst{n:06d}", secret_verifier=b"v", app="com.example", aor="sip:alice@sip.test",
+        username="alice", password=password, registrar=None, outbound_proxy=None, expires=600,
+        push_provider="apns", push_token="t", push_environment="production",
+        contact_token=f"tok{n}", instance_urn=f"urn:uuid:{n}", lifetime=3600, created_at=0.0,
+        last_heard_at=0.0, expires_at=3600.0, registration=RegistrationStatus(),
+    )
+
+
+CONFIG = KeeperConfig(
+    policy=BindingPolicy(refresh_ratio=0.8, backoff_base=5.0, backoff_cap=40.0),
+    register_rate=50.0,
+    register_burst=5,
+)
+
+
+@pytest.fixture
+def autojump_clock() -> trio.testing.MockClock:
+    return trio.testing.MockClock(autojump_threshold=0)
+
+
+async def start_keeper(nursery: trio.Nursery, registrar: FakeRegistrar,
+                       store: FakeStatusStore | None = None,
+                       config: KeeperConfig = CONFIG) -> RegistrationKeeper:
+    keeper = RegistrationKeeper(endpoint=registrar, resolver=FakeResolver(),
+                                store=store or FakeStatusStore(), config=config,
+                                rng=random.Random(3))
+    await nursery.start(keeper.run)
+    return keeper
+
+
+async def test_register_first_waits_for_the_authenticated_outcome(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """register_first returns once the 401 → REGISTER → 200 exchange is done."""
+    registrar = FakeRegistrar()
+    async with trio.open_nursery() as nursery:
+        keeper = await start_keeper(nursery, registrar)
+        outcome = await keeper.register_first(record(1))
+        assert outcome.registered and outcome.status == 200
+        assert registrar.bindings.keys() == {"tok1"}
+        status = keeper.status("inst000001")
+        assert status is not None and status.state == "registered"
+        assert status.granted_expires == 60
+        nursery.cancel_scope.cancel()
+
+
+async def test_wrong_password_is_reported_and_not_kept(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A refused first attempt comes back as a 401 outcome and the keeper forgets it."""
+    registrar = FakeRegistrar()
+    async with trio.open_nursery() as nursery:
+        keeper = await start_keeper(nursery, registrar)
+        outcome = await keeper.register_first(record(1, password="wrong"))
+        assert not outcome.registered and outcome.status == 401
+        assert not keeper.is_kept("inst000001")
+        nursery.cancel_scope.cancel()
+
+
+async def test_binding_is_refreshed_before_every_expiry(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """With a 60 s grant the binding never lapses over ten minutes."""
+    registrar = FakeRegistrar(grant=60)
+    async with trio.open_nursery() as nursery:
+        keeper = await start_keeper(nursery, registrar)
+        await keeper.register_first(record(1))
+        for _ in range(60):
+            await trio.sleep(10)
+            assert registrar.bindings["tok1"] > trio.current_time()
+        refreshes = [t for t, r in registrar.seen if r.headers.get("Authorization")]
+        assert len(refreshes) >= 10
+        nursery.cancel_scope.cancel()
+
+
+async def test_many_adopted_instances_are_paced_by_the_rate_limit(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A restart with 1,000 instances never sends more REGISTERs per second than allowed."""
+    registrar = FakeRegistrar(grant=3600)
+    store = FakeStatusStore()
+    async with trio.open_nursery() as nursery:
+        keeper = await start_keeper(nursery, registrar, store)
+        for n in range(1000):
+            store.known.add(f"inst{n:06d}")
+            keeper.adopt(record(n))
+        await trio.sleep(60)
+        assert len(registrar.bindings) == 1000
+        times = sorted(t for t, _ in registrar.seen)
+        start = times[0]
+        # In any window of one second: at most rate + burst REGISTERs.
+        j = 0
+        for i, t in enumerate(times):
+            while times[j] < t - 1.0:
+                j += 1
+            assert i - j + 1 <= CONFIG.register_rate + CONFIG.register_burst
+        assert times[-1] - start >= (2000 - CONFIG.register_burst) / CONFIG.register_rate - 1
+        assert store.statuses["inst000999"].state == "registered"
+        nursery.cancel_scope.cancel()
+
+
+async def test_remove_sends_expires_zero_and_forgets(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """remove() unREGISTERs (Expires: 0) and stops refreshing."""
+    registrar = FakeRegistrar()
+    async with trio.open_nursery() as nursery:
+        keeper = await start_keeper(nursery, registrar)
+        await keeper.register_first(record(1))
+        await keeper.remove("inst000001")
+        assert registrar.bindings == {}
+        assert registrar.seen[-1][1].headers.get("Expires") == "0"
+        count = len(registrar.seen)
+        await trio.sleep(300)
+        assert len(registrar.seen) == count
+        assert keeper.status("inst000001") is None
+        nursery.cancel_scope.cancel()
+
+
+async def test_provider_down_backs_off_and_recovers(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Timeouts move the binding to backoff with a next attempt; it re-registers when back."""
+    registrar = FakeRegistrar(grant=60)
+    async with trio.open_nursery() as nursery:
+        keeper = await start_keeper(nursery, registrar)
+        await keeper.register_first(record(1))
+        registrar.down = True
+        await trio.sleep(120)
+        status = keeper.status("inst000001")
+        assert status is not None and status.state == "backoff"
+        assert status.last_error and "timeout" in status.last_error
+        assert status.next_attempt_at is not None
+        registrar.down = False
+        registrar.bindings.clear()
+        await trio.sleep(CONFIG.policy.backoff_cap + 40)
+        status = keeper.status("inst000001")
+        assert status is not None and status.state == "registered"
+        assert "tok1" in registrar.bindings
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_lost_flow_triggers_a_new_register(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """When the TCP flow a binding lives on closes, the keeper registers again at once."""
+    registrar = FakeRegistrar(grant=3600)
+    async with trio.open_nursery() as nursery:
+        keeper = await start_keeper(nursery, registrar)
+        await keeper.register_first(record(1))
+        before = len(registrar.seen)
+        await registrar.flow_send.send(registrar.flow)
+        await trio.sleep(1)
+        assert len(registrar.seen) > before
+        status = keeper.status("inst000001")
+        assert status is not None and status.state == "registered"
+        nursery.cancel_scope.cancel()
+
+
+async def test_cancelled_create_unregisters_what_may_have_been_bound(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The API's timeout cancels register_first: nothing stays bound or kept."""
+    registrar = FakeRegistrar()
+
+    class SlowRegistrar(FakeRegistrar):
+        async def request(self, request: SipRequest, targets: Sequence[object]) -> FakeResult:
+            await trio.sleep(5)
+            return await registrar.request(request, targets)
+
+    slow = SlowRegistrar()
+    slow.bindings = registrar.bindings
+    async with trio.open_nursery() as nursery:
+        keeper = await start_keeper(nursery, slow)
+        with trio.move_on_after(7):
+            await keeper.register_first(record(1))
+        await trio.sleep(30)
+        assert not keeper.is_kept("inst000001")
+        assert registrar.bindings == {}
+        nursery.cancel_scope.cancel()
+
+
+async def test_token_bucket_allows_a_burst_then_the_rate(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """burst tokens at once, then one every 1/rate seconds."""
+    bucket = TokenBucket(rate=10, burst=3)
+    start = trio.current_time()
+    stamps = []
+    for _ in range(13):
+        await bucket.acquire()
+        stamps.append(trio.current_time() - start)
+    assert stamps[:3] == [0, 0, 0]
+    assert stamps[-1] == pytest.approx(1.0, abs=0.01)
+
+
+def test_state_values_match_the_api_vocabulary() -> None:
+    """The states the API shows are the ones SPEC.md and the store know."""
+    from sipis.store.models import REGISTRATION_STATES
+
+    for state in (RegState.REGISTERING, RegState.REGISTERED, RegState.BACKOFF,
+                  RegState.AUTH_FAILED, RegState.UNREGISTERED):
+        assert state.value in REGISTRATION_STATES
