@@ -1,0 +1,1 @@
+"""sipis benchmarks (``make bench``): figures beside references measured in the same run."""
