@@ -96,3 +96,26 @@ def dns_server_factory(request: pytest.FixtureRequest) -> Iterator[DnsServerFact
     yield make
     for server in made:
         server.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secret_in_any_log_line() -> Iterator[None]:
+    """After the whole suite: no log line holds a password, secret or full push token.
+
+    Every record logged anywhere in the run goes through the production formatter (the one
+    journald gets); daemons run as subprocesses log to files that are read too.
+    """
+    import logging
+
+    from tests.integration import harness
+
+    handler = harness.install_log_capture()
+    yield
+    logging.getLogger().removeHandler(handler)
+    harness.SENSITIVE.update(DEFAULT_USERS.values())
+    texts = list(harness.LOG_LINES)
+    for path in harness.SUBPROCESS_LOGS:
+        if path.exists():
+            texts.extend(path.read_text(errors="replace").splitlines())
+    leaks = [(s, line) for line in texts for s in harness.SENSITIVE if s and s in line]
+    assert not leaks, f"{len(leaks)} log lines hold a secret, e.g. {leaks[0][1][:200]!r}"

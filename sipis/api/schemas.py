@@ -600,13 +600,22 @@ def rfc3339(timestamp: float | None) -> str | None:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def rfc3339_ms(timestamp: float | None) -> str | None:
+    """Unix seconds as RFC 3339 UTC with milliseconds, e.g. "2026-11-23T10:59:10.123Z"."""
+    if timestamp is None or not math.isfinite(timestamp):
+        return None
+    moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
 def registration_body(status: RegistrationStatus) -> dict[str, object]:
     """The "registration" member of the GET body."""
     return {
         "state": status.state,
         "expires": status.granted_expires,
         "last_error": status.last_error,
-        "next_attempt_at": rfc3339(status.next_attempt_at),
+        # Milliseconds: the backoff jitter between instances is visible (RFC 5626 §4.5).
+        "next_attempt_at": rfc3339_ms(status.next_attempt_at),
         "last_registered_at": rfc3339(status.last_registered_at),
     }
 

@@ -37,6 +37,8 @@ from sipis.sip.message import Headers, SipRequest, SipResponse, new_call_id, new
 MAX_423_RETRIES = 3
 #: Shortest refresh interval we schedule, whatever the registrar grants (seconds).
 MIN_REFRESH_INTERVAL = 1.0
+#: Least time (seconds) a refresh leaves before the binding would lapse (for short grants).
+REFRESH_MIN_MARGIN = 5.0
 #: Max-Forwards on every REGISTER (RFC 3261 §8.1.1.6 recommends 70).
 MAX_FORWARDS = "70"
 
@@ -359,7 +361,7 @@ class Binding:
         self.last_registered_at = now
         self.last_error = None
         self.state = RegState.REGISTERED
-        at = now + max(MIN_REFRESH_INTERVAL, granted * self.policy.refresh_ratio)
+        at = now + refresh_interval(granted, self.policy.refresh_ratio)
         self.next_attempt_at = at
         return [
             self._status(),
@@ -457,6 +459,17 @@ class Binding:
         self.next_attempt_at = None
         self._unregistering = False
         return [Schedule(None), self._status()]
+
+
+def refresh_interval(granted: int, ratio: float) -> float:
+    """When to refresh a binding granted for ``granted`` seconds.
+
+    At ``ratio`` of the grant, but always leaving at least min(REFRESH_MIN_MARGIN, grant/2)
+    before it lapses: a registrar granting a few seconds must not see the binding expire
+    because one refresh was a little late.
+    """
+    margin = max(granted * (1.0 - ratio), min(REFRESH_MIN_MARGIN, granted / 2.0))
+    return max(MIN_REFRESH_INTERVAL, granted - margin)
 
 
 def backoff_delay(failures: int, policy: BindingPolicy, random01: Callable[[], float]) -> float:

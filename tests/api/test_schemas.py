@@ -511,6 +511,14 @@ def test_parse_duration_units() -> None:
     assert parse_duration("1y") is None
 
 
+def test_next_attempt_is_shown_to_the_millisecond() -> None:
+    """Backoff jitter is sub-second: next_attempt_at keeps milliseconds."""
+    from sipis.api.schemas import rfc3339_ms
+
+    assert rfc3339_ms(0.1234) == "1970-01-01T00:00:00.123Z"
+    assert rfc3339_ms(None) is None
+
+
 def test_rfc3339_is_utc_with_z() -> None:
     """Whole seconds, UTC, "Z"."""
     assert rfc3339(0) == "1970-01-01T00:00:00Z"

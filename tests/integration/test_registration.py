@@ -169,34 +169,63 @@ async def test_short_granted_expiry_is_refreshed_for_three_periods(
         assert all(e.granted_expires == 4 for e in refreshes)
 
 
-async def test_provider_outage_backs_off_then_reregisters(
+async def test_provider_outage_backs_off_with_jitter_then_reregisters_paced(
     tmp_path: Path, kamailio_factory: Any
 ) -> None:
-    """Kamailio down → GET shows backoff with last error and next attempt; back up → registered."""
-    kamailio = kamailio_factory(max_expires=2)
-    async with running_daemon(tmp_path, sip={"timers": {"t1": "100ms"}}) as d:
-        resp = await d.create(instance_body(kamailio, transport="tcp"))
-        assert resp.status_code == 201, resp.text
-        iid, secret = resp.json()["id"], resp.json()["secret"]
-        auth = {"authorization": f"Bearer {secret}"}
-        kamailio.stop()
+    """Kamailio down → GET shows backoff, last error and (jittered) next attempts; back up →
+    every instance registered again within the backoff cap, never above the REGISTER rate."""
+    from tests.integration.test_restart import max_per_second
 
-        async def in_backoff() -> dict[str, Any] | None:
-            r = await d.client.get(f"/v1/instances/{iid}", headers=auth)
-            reg: dict[str, Any] = r.json()["registration"]
-            return reg if reg["state"] == "backoff" else None
+    rate, burst = 4, 2
+    kamailio = kamailio_factory(max_expires=30)
+    async with running_daemon(tmp_path, registrar={"register_rate": rate,
+                                                   "register_burst": burst}) as d:
+        made = [(await d.create(instance_body(kamailio, transport="tcp"))).json()
+                for _ in range(4)]
+        assert all("id" in m for m in made), made
+        kamailio.stop()  # the TCP flows drop: each binding tries again, fails, backs off
 
-        reg = await eventually(in_backoff, timeout=15)
-        assert reg["last_error"]
-        assert reg["next_attempt_at"]
+        async def all_in_backoff() -> list[dict[str, Any]] | None:
+            regs = []
+            for m in made:
+                r = await d.client.get(f"/v1/instances/{m['id']}",
+                                       headers={"authorization": f"Bearer {m['secret']}"})
+                reg = r.json()["registration"]
+                if reg["state"] != "backoff":
+                    return None
+                regs.append(reg)
+            return regs
+
+        regs = await eventually(all_in_backoff, timeout=20)
+        assert all(reg["last_error"] and reg["next_attempt_at"] for reg in regs)
+        assert len({reg["next_attempt_at"] for reg in regs}) == len(regs), "no jitter"
         kamailio.start()
         restarted = trio.current_time()
-        token = contact_token(d, iid)
-        # Within the backoff cap (4 s) plus a transaction, the binding is back.
-        await eventually(lambda: contacts_of(kamailio, token), timeout=4 + 5)
-        assert trio.current_time() - restarted < 9
-        r = await d.client.get(f"/v1/instances/{iid}", headers=auth)
-        assert r.json()["registration"]["state"] == "registered"
+        mark = __import__("time").time()
+        tokens = [contact_token(d, m["id"]) for m in made]
+        # Within the backoff cap (4 s) plus pacing and a transaction, all are back.
+        await eventually(lambda: all(contacts_of(kamailio, t) for t in tokens), timeout=12)
+        assert trio.current_time() - restarted < 12
+        times = [e.time for e in kamailio.register_log() if e.time >= mark]
+        assert max_per_second(times) <= rate + burst
+
+
+async def test_a_dropped_tcp_flow_is_noticed_and_the_binding_restored(
+    tmp_path: Path, kamailio_factory: Any
+) -> None:
+    """Kamailio restarts (TCP connection gone, bindings forgotten): sipis registers again at
+    once, minutes before the refresh would have."""
+    kamailio = kamailio_factory(fix_nated_register=True)
+    async with running_daemon(tmp_path) as d:
+        resp = await d.create(instance_body(kamailio, transport="tcp"))
+        assert resp.status_code == 201, resp.text
+        token = contact_token(d, resp.json()["id"])
+        assert contacts_of(kamailio, token)[0].expires > 300  # next refresh: minutes away
+        kamailio.restart()
+        assert contacts_of(kamailio, token) == []
+        await eventually(lambda: contacts_of(kamailio, token), timeout=8)
+        [binding] = contacts_of(kamailio, token)
+        assert binding.transport == "tcp"
 
 
 async def test_delete_unregisters_and_leaves_no_ciphertext(

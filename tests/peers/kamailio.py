@@ -579,7 +579,9 @@ class Kamailio:
         try:
             text = self.rpc("ul.lookup", "location", user)
         except KamailioError as exc:
-            if "not found" in str(exc).lower():
+            message = str(exc).lower()
+            # "AOR not found", or an AoR whose last contact just expired.
+            if "not found" in message or "has no contacts" in message:
                 return []
             raise
         return parse_kamcmd_contacts(text, user)

@@ -19,6 +19,7 @@ from sipis.registrar.binding import (
     SendRegister,
     StatusChanged,
     backoff_delay,
+    refresh_interval,
 )
 from sipis.sip.digest import make_challenge, parse_challenge
 from sipis.sip.headers import URI, Address
@@ -152,6 +153,14 @@ def test_200_uses_the_expires_granted_for_our_contact_and_schedules_refresh() ->
     assert schedules(actions)[-1] == pytest.approx(10.0 + 80.0)
     assert outcomes(actions) == [Outcome(True, 200, "OK")]
     assert any(isinstance(a, StatusChanged) and a.state == RegState.REGISTERED for a in actions)
+
+
+@pytest.mark.parametrize(("granted", "expected"), [
+    (600, 480.0), (3600, 2880.0), (20, 15.0), (4, 2.0), (1, 1.0),
+])
+def test_refresh_keeps_a_margin_before_short_grants_lapse(granted: int, expected: float) -> None:
+    """80 % of long grants; short ones keep min(5 s, half the grant) of margin."""
+    assert refresh_interval(granted, 0.8) == pytest.approx(expected)
 
 
 def test_granted_expiry_falls_back_to_the_expires_header() -> None:
