@@ -1,4 +1,4 @@
-"""RFC 3261 §17 non-INVITE transactions as sans-IO state machines.
+"""RFC 3261 §17 transactions (non-INVITE; INVITE with RFC 6026) as sans-IO state machines.
 
 Strategy: each machine takes inputs with an explicit ``now`` and returns a list of actions for
 the driver (``sipis.sip.endpoint``) to carry out in order: ``Send`` bytes on the transaction's
@@ -28,6 +28,9 @@ Rules — server, §17.2.2 (``ServerNonInviteTransaction``, table ``SERVER_TRANS
 - COMPLETED lasts Timer J (64·T1 unreliable, 0 reliable: terminate at once); further
   responses from the TU are discarded there (§17.2.2).
 
+Rules — INVITE client and server (§17.1.1, §17.2.1, RFC 6026): see the block before
+``ClientInviteTransaction``.
+
 What happens to an input with no table entry:
 
 - Harmless, ignored (no actions, no change), listed in ``IGNORED``/``SERVER_IGNORED``:
@@ -43,19 +46,29 @@ What happens to an input with no table entry:
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from typing import TypeAlias
 
 import attrs
 
 __all__ = [
     "IGNORED",
+    "INVITE_CLIENT_IGNORED",
+    "INVITE_CLIENT_TRANSITIONS",
+    "INVITE_SERVER_IGNORED",
+    "INVITE_SERVER_TRANSITIONS",
     "SERVER_IGNORED",
     "SERVER_TRANSITIONS",
     "TRANSITIONS",
     "Action",
+    "ClientInviteTransaction",
     "Deliver",
+    "InviteClientInput",
+    "InviteServerInput",
+    "InviteTxState",
     "NonInviteClientTransaction",
     "Send",
+    "ServerInviteTransaction",
     "ServerNonInviteTransaction",
     "ServerTxInput",
     "StartTimer",
@@ -505,3 +518,506 @@ class ServerNonInviteTransaction:
         if self._step(ServerTxInput.TRANSPORT_ERROR) is None:
             return []
         return self._terminate(TxOutcome.TRANSPORT_ERROR)
+
+
+# --- INVITE transactions ----------------------------------------------------------------------
+#
+# Rules — INVITE client, §17.1.1 as corrected by RFC 6026 §8.4 (``ClientInviteTransaction``,
+# table ``INVITE_CLIENT_TRANSITIONS``):
+#
+# - ``start`` sends the INVITE, arms Timer B = 64·T1 and, over an unreliable transport only,
+#   Timer A = T1. Timer A in CALLING retransmits and re-arms at twice its last interval (no T2
+#   cap for INVITE, §17.1.1.2). Timer B in CALLING ends with ``TxOutcome.TIMEOUT``.
+# - A provisional in CALLING/PROCEEDING is delivered (→ PROCEEDING) and stops A and B: once
+#   anything came back the transaction no longer times out; the TU's Timer C (§16.8, a proxy)
+#   or its own ring timer decides how long to wait. ``cancel_allowed`` is true only here
+#   (§9.1: no CANCEL before a provisional, none after a final).
+# - A 300–699 in CALLING/PROCEEDING: the ACK built by ``make_ack(response)`` is sent, the
+#   response delivered (→ COMPLETED), and Timer D armed (32 s unreliable; reliable: terminate
+#   at once). Retransmissions of the final in COMPLETED re-send that same ACK and are not
+#   delivered. Timer D ends with ``TxOutcome.COMPLETED``.
+# - A 2xx in CALLING/PROCEEDING is delivered (→ ACCEPTED, RFC 6026) and arms Timer M = 64·T1
+#   on every transport; no ACK (the 2xx ACK is the TU's, its own transaction). Every further
+#   2xx in ACCEPTED — retransmissions, or 2xx from other forks downstream — is delivered too,
+#   because a proxy must forward each of them upstream (RFC 3261 §16.7 step 5). Timer M ends
+#   with ``TxOutcome.COMPLETED``.
+# - A transport error in CALLING/PROCEEDING/COMPLETED ends with ``TxOutcome.TRANSPORT_ERROR``
+#   (RFC 3261 Figure 5; for PROCEEDING: over TCP/TLS the responses could only come back on the
+#   failed flow). In ACCEPTED it is ignored: nothing is left to send.
+#
+# Rules — INVITE server, §17.2.1 as corrected by RFC 6026 §7.1/§8.5–8.8
+# (``ServerInviteTransaction``, table ``INVITE_SERVER_TRANSITIONS``):
+#
+# - Created in PROCEEDING by the INVITE. The machine builds no messages, so it does not make
+#   the ``100 Trying`` itself: the TU (driver) passes one to ``send_response`` at once, like
+#   any provisional (SPEC.md step 1 sends it first anyway). A retransmitted INVITE gets the
+#   last provisional again (nothing before the first one).
+# - A 300–699 from the TU is sent (→ COMPLETED); Timer G (unreliable only) retransmits it at
+#   T1, 2·T1, … capped at T2; Timer H = 64·T1 (every transport) ends with
+#   ``TxOutcome.TIMEOUT`` (the ACK never came). A retransmitted INVITE gets the final again.
+#   The ACK → CONFIRMED, stops G and H; Timer I (T4 unreliable; reliable: terminate at once)
+#   ends with ``TxOutcome.COMPLETED``. CONFIRMED absorbs INVITEs and ACKs.
+# - A 2xx from the TU is sent (→ ACCEPTED) and arms Timer L = 64·T1 (every transport). The
+#   transaction never retransmits a 2xx: further 2xx the TU passes (a UAS core's
+#   retransmissions, or a proxy forwarding the downstream ones) are sent as they come.
+#   Retransmitted INVITEs are absorbed; an ACK for the 2xx is its own transaction and
+#   ignored here (the driver hands it to the TU). Timer L ends with ``TxOutcome.COMPLETED``.
+# - TU responses after a final (other than 2xx in ACCEPTED) are discarded.
+# - A transport error never ends the server transaction (RFC 6026 §8.8: "MUST remain in the
+#   current state"; ending it would make a retransmitted INVITE look new). ``transport_error``
+#   returns ``[]``; the driver, which saw the failure, tells the TU.
+#
+# As for non-INVITE: timers that are not armed are ignored; pairs listed in
+# ``INVITE_CLIENT_IGNORED``/``INVITE_SERVER_IGNORED`` are dropped silently; anything else
+# (responses before ``start``, ``start`` twice, unknown timer names, statuses outside
+# 100–699) is ``TransactionUsageError`` and leaves the machine unchanged.
+
+#: Timer B, H, L and M are 64·T1 (RFC 3261 Table 4, RFC 6026 §8.4/§8.7).
+TIMER_B_MULTIPLIER = 64
+TIMER_H_MULTIPLIER = 64
+TIMER_L_MULTIPLIER = 64
+TIMER_M_MULTIPLIER = 64
+#: Timer D over an unreliable transport: "at least 32 seconds" (§17.1.1.2).
+TIMER_D_UNRELIABLE = 32.0
+
+
+class InviteTxState(enum.Enum):
+    """INVITE transaction states (RFC 3261 §17.1.1/§17.2.1 plus ACCEPTED of RFC 6026).
+
+    IDLE is a client not yet started; CALLING is client only, CONFIRMED server only.
+    """
+
+    IDLE = "idle"
+    CALLING = "calling"
+    PROCEEDING = "proceeding"
+    COMPLETED = "completed"
+    CONFIRMED = "confirmed"
+    ACCEPTED = "accepted"
+    TERMINATED = "terminated"
+
+
+class InviteClientInput(enum.Enum):
+    """Inputs of the INVITE client transaction."""
+
+    START = "start"
+    PROVISIONAL = "provisional"  # 1xx received
+    FINAL_2XX = "2xx"  # 200–299 received
+    FINAL_ERROR = "300-699"  # 300–699 received
+    TIMER_A = "A"
+    TIMER_B = "B"
+    TIMER_D = "D"
+    TIMER_M = "M"
+    TRANSPORT_ERROR = "transport-error"
+
+
+class InviteServerInput(enum.Enum):
+    """Inputs of the INVITE server transaction."""
+
+    REQUEST = "request"  # a retransmission of the INVITE
+    ACK = "ack"  # an ACK matching the transaction (§17.2.3)
+    SEND_PROVISIONAL = "send-provisional"  # the TU answers 1xx
+    SEND_2XX = "send-2xx"  # the TU answers 200–299
+    SEND_ERROR = "send-300-699"  # the TU answers 300–699
+    TIMER_G = "G"
+    TIMER_H = "H"
+    TIMER_I = "I"
+    TIMER_L = "L"
+    TRANSPORT_ERROR = "transport-error"
+
+
+_IS = InviteTxState
+_IC = InviteClientInput
+_ISI = InviteServerInput
+
+INVITE_CLIENT_TRANSITIONS: dict[tuple[InviteTxState, InviteClientInput], InviteTxState] = {
+    (_IS.IDLE, _IC.START): _IS.CALLING,
+    (_IS.CALLING, _IC.TIMER_A): _IS.CALLING,
+    (_IS.CALLING, _IC.TIMER_B): _IS.TERMINATED,
+    (_IS.CALLING, _IC.PROVISIONAL): _IS.PROCEEDING,
+    (_IS.CALLING, _IC.FINAL_2XX): _IS.ACCEPTED,
+    (_IS.CALLING, _IC.FINAL_ERROR): _IS.COMPLETED,
+    (_IS.CALLING, _IC.TRANSPORT_ERROR): _IS.TERMINATED,
+    (_IS.PROCEEDING, _IC.PROVISIONAL): _IS.PROCEEDING,
+    (_IS.PROCEEDING, _IC.FINAL_2XX): _IS.ACCEPTED,
+    (_IS.PROCEEDING, _IC.FINAL_ERROR): _IS.COMPLETED,
+    (_IS.PROCEEDING, _IC.TRANSPORT_ERROR): _IS.TERMINATED,
+    (_IS.COMPLETED, _IC.FINAL_ERROR): _IS.COMPLETED,  # retransmission: ACK again
+    (_IS.COMPLETED, _IC.TIMER_D): _IS.TERMINATED,
+    (_IS.COMPLETED, _IC.TRANSPORT_ERROR): _IS.TERMINATED,
+    (_IS.ACCEPTED, _IC.FINAL_2XX): _IS.ACCEPTED,  # delivered again (RFC 6026 §8.4)
+    (_IS.ACCEPTED, _IC.TIMER_M): _IS.TERMINATED,
+}
+
+#: INVITE client inputs with no transition that are dropped silently.
+INVITE_CLIENT_IGNORED: frozenset[tuple[InviteTxState, InviteClientInput]] = frozenset(
+    {
+        (_IS.COMPLETED, _IC.PROVISIONAL),
+        (_IS.COMPLETED, _IC.FINAL_2XX),  # cannot follow a non-2xx on the same transaction
+        (_IS.ACCEPTED, _IC.PROVISIONAL),
+        (_IS.ACCEPTED, _IC.FINAL_ERROR),
+        (_IS.ACCEPTED, _IC.TRANSPORT_ERROR),  # nothing left to send
+        (_IS.TERMINATED, _IC.PROVISIONAL),
+        (_IS.TERMINATED, _IC.FINAL_2XX),
+        (_IS.TERMINATED, _IC.FINAL_ERROR),
+        (_IS.TERMINATED, _IC.TRANSPORT_ERROR),
+    }
+)
+
+INVITE_SERVER_TRANSITIONS: dict[tuple[InviteTxState, InviteServerInput], InviteTxState] = {
+    (_IS.PROCEEDING, _ISI.REQUEST): _IS.PROCEEDING,  # resend the last provisional
+    (_IS.PROCEEDING, _ISI.SEND_PROVISIONAL): _IS.PROCEEDING,
+    (_IS.PROCEEDING, _ISI.SEND_2XX): _IS.ACCEPTED,
+    (_IS.PROCEEDING, _ISI.SEND_ERROR): _IS.COMPLETED,
+    (_IS.COMPLETED, _ISI.REQUEST): _IS.COMPLETED,  # resend the final
+    (_IS.COMPLETED, _ISI.ACK): _IS.CONFIRMED,
+    (_IS.COMPLETED, _ISI.TIMER_G): _IS.COMPLETED,
+    (_IS.COMPLETED, _ISI.TIMER_H): _IS.TERMINATED,
+    (_IS.CONFIRMED, _ISI.TIMER_I): _IS.TERMINATED,
+    (_IS.ACCEPTED, _ISI.SEND_2XX): _IS.ACCEPTED,  # the TU's 2xx retransmissions, sent as given
+    (_IS.ACCEPTED, _ISI.TIMER_L): _IS.TERMINATED,
+}
+
+#: INVITE server inputs with no transition that are dropped silently: with the table above they
+#: cover every (state, non-timer input) pair, so the server never raises for peer or TU order.
+INVITE_SERVER_IGNORED: frozenset[tuple[InviteTxState, InviteServerInput]] = frozenset(
+    {
+        (_IS.PROCEEDING, _ISI.ACK),  # no final sent yet: not ours
+        (_IS.PROCEEDING, _ISI.TRANSPORT_ERROR),  # RFC 6026 §8.8: stay
+        (_IS.COMPLETED, _ISI.SEND_PROVISIONAL),
+        (_IS.COMPLETED, _ISI.SEND_2XX),
+        (_IS.COMPLETED, _ISI.SEND_ERROR),
+        (_IS.COMPLETED, _ISI.TRANSPORT_ERROR),
+        (_IS.CONFIRMED, _ISI.REQUEST),
+        (_IS.CONFIRMED, _ISI.ACK),
+        (_IS.CONFIRMED, _ISI.SEND_PROVISIONAL),
+        (_IS.CONFIRMED, _ISI.SEND_2XX),
+        (_IS.CONFIRMED, _ISI.SEND_ERROR),
+        (_IS.CONFIRMED, _ISI.TRANSPORT_ERROR),
+        (_IS.ACCEPTED, _ISI.REQUEST),  # absorbed (RFC 6026 §7.1)
+        (_IS.ACCEPTED, _ISI.ACK),  # the 2xx ACK is its own transaction
+        (_IS.ACCEPTED, _ISI.SEND_PROVISIONAL),
+        (_IS.ACCEPTED, _ISI.SEND_ERROR),
+        (_IS.ACCEPTED, _ISI.TRANSPORT_ERROR),
+        (_IS.TERMINATED, _ISI.REQUEST),
+        (_IS.TERMINATED, _ISI.ACK),
+        (_IS.TERMINATED, _ISI.SEND_PROVISIONAL),
+        (_IS.TERMINATED, _ISI.SEND_2XX),
+        (_IS.TERMINATED, _ISI.SEND_ERROR),
+        (_IS.TERMINATED, _ISI.TRANSPORT_ERROR),
+    }
+)
+
+
+def _check_status(status: int) -> int:
+    if not 100 <= status <= 699:
+        raise TransactionUsageError(f"status {status} is not a SIP response code")
+    return status
+
+
+class ClientInviteTransaction:
+    """RFC 3261 §17.1.1 INVITE client transaction with RFC 6026's ACCEPTED state.
+
+    See the INVITE rules above. Used by the call layer to forward an INVITE to a device.
+
+    Args:
+        branch: the Via branch of the INVITE; the driver's key for matching responses.
+        data: the serialised INVITE, sent by ``start`` and by each Timer A retransmission.
+        reliable: TCP/TLS (no retransmissions, Timer D = 0) versus UDP.
+        timers: T1 (Timer A, B, M).
+        make_ack: builds the serialised ACK for a 300–699 response (§17.1.1.3); called once,
+            with the response object given to ``receive_response``.
+    """
+
+    def __init__(
+        self,
+        *,
+        branch: str,
+        data: bytes,
+        reliable: bool,
+        timers: TimerConfig,
+        make_ack: Callable[[object], bytes],
+    ) -> None:
+        self.branch = branch
+        self.data = data
+        self.reliable = reliable
+        self.timers = timers
+        self._make_ack = make_ack
+        self._state = InviteTxState.IDLE
+        self._outcome: TxOutcome | None = None
+        self._armed = _Timers()
+        self._a_interval = timers.t1
+        self._ack: bytes | None = None
+
+    def __repr__(self) -> str:
+        return (f"ClientInviteTransaction(branch={self.branch!r}, "
+                f"state={self._state.name}, reliable={self.reliable})")
+
+    @property
+    def state(self) -> InviteTxState:
+        """The current state."""
+        return self._state
+
+    @property
+    def outcome(self) -> TxOutcome | None:
+        """How it ended, once TERMINATED; None before."""
+        return self._outcome
+
+    @property
+    def cancel_allowed(self) -> bool:
+        """Whether a CANCEL may be sent now: after a provisional and before any final (§9.1).
+
+        A TU that wants to cancel earlier waits for the first provisional; if a final comes
+        first, no CANCEL is sent at all.
+        """
+        return self._state is InviteTxState.PROCEEDING
+
+    def _step(self, inp: InviteClientInput) -> InviteTxState | None:
+        key = (self._state, inp)
+        if key in INVITE_CLIENT_IGNORED:
+            return None
+        if key not in INVITE_CLIENT_TRANSITIONS:
+            raise TransactionUsageError(
+                f"INVITE client transaction {self.branch!r} cannot take {inp.name} in "
+                f"{self._state.name}"
+            )
+        old, self._state = self._state, INVITE_CLIENT_TRANSITIONS[key]
+        return old
+
+    def _terminate(self, outcome: TxOutcome) -> list[Action]:
+        self._state = InviteTxState.TERMINATED
+        self._outcome = outcome
+        self._ack = None
+        return [*self._armed.stop_all(), Terminated(outcome)]
+
+    def start(self, now: float) -> list[Action]:
+        """Send the INVITE and arm Timer A (unreliable only) and Timer B.
+
+        Raises:
+            TransactionUsageError: already started.
+        """
+        self._step(InviteClientInput.START)
+        actions: list[Action] = [Send(self.data)]
+        if not self.reliable:
+            self._a_interval = self.timers.t1
+            actions.append(self._armed.start("A", now + self._a_interval))
+        actions.append(self._armed.start("B", now + TIMER_B_MULTIPLIER * self.timers.t1))
+        return actions
+
+    def receive_response(self, status: int, response: object, now: float) -> list[Action]:
+        """A response matched this transaction; ``response`` is passed through to the TU.
+
+        Returns:
+            1xx: ``StopTimer``s (first one) and ``Deliver``. 300–699: ``StopTimer``s,
+            ``Send(ack)``, ``Deliver``, then ``StartTimer("D")`` or (reliable)
+            ``Terminated``; a retransmission in COMPLETED: ``[Send(ack)]``. 2xx:
+            ``StopTimer``s, ``Deliver``, ``StartTimer("M")``; in ACCEPTED: ``[Deliver]``.
+            ``[]`` for anything ignored.
+
+        Raises:
+            TransactionUsageError: before ``start``, or a status outside 100–699.
+        """
+        _check_status(status)
+        if status < 200:
+            inp = InviteClientInput.PROVISIONAL
+        elif status < 300:
+            inp = InviteClientInput.FINAL_2XX
+        else:
+            inp = InviteClientInput.FINAL_ERROR
+        old = self._step(inp)
+        if old is None:
+            return []
+        if inp is InviteClientInput.PROVISIONAL:
+            return [*self._armed.stop("A", "B"), Deliver(response)]
+        if inp is InviteClientInput.FINAL_2XX:
+            if old is InviteTxState.ACCEPTED:
+                return [Deliver(response)]
+            return [*self._armed.stop("A", "B"), Deliver(response),
+                    self._armed.start("M", now + TIMER_M_MULTIPLIER * self.timers.t1)]
+        if old is InviteTxState.COMPLETED:
+            return [] if self._ack is None else [Send(self._ack)]
+        self._ack = self._make_ack(response)
+        actions: list[Action] = [*self._armed.stop("A", "B"), Send(self._ack), Deliver(response)]
+        if self.reliable:
+            self._step(InviteClientInput.TIMER_D)
+            return actions + self._terminate(TxOutcome.COMPLETED)
+        actions.append(self._armed.start("D", now + TIMER_D_UNRELIABLE))
+        return actions
+
+    def timer_fired(self, name: str, now: float) -> list[Action]:
+        """Timer ``name`` ("A", "B", "D" or "M") reached its deadline; unarmed ones: ``[]``.
+
+        Raises:
+            TransactionUsageError: an unknown timer name.
+        """
+        inputs = {"A": InviteClientInput.TIMER_A, "B": InviteClientInput.TIMER_B,
+                  "D": InviteClientInput.TIMER_D, "M": InviteClientInput.TIMER_M}
+        inp = inputs.get(name)
+        if inp is None:
+            raise TransactionUsageError(f"INVITE client transaction has no timer {name!r}")
+        if not self._armed.fired(name):
+            return []
+        if self._step(inp) is None:  # pragma: no cover - armed timers always have an entry
+            return []
+        if inp is InviteClientInput.TIMER_A:
+            self._a_interval *= 2
+            return [Send(self.data), self._armed.start("A", now + self._a_interval)]
+        if inp is InviteClientInput.TIMER_B:
+            return self._terminate(TxOutcome.TIMEOUT)
+        return self._terminate(TxOutcome.COMPLETED)
+
+    def transport_error(self, now: float) -> list[Action]:
+        """Sending failed or the flow closed: ends the transaction unless it is ACCEPTED.
+
+        Raises:
+            TransactionUsageError: before ``start``.
+        """
+        if self._step(InviteClientInput.TRANSPORT_ERROR) is None:
+            return []
+        return self._terminate(TxOutcome.TRANSPORT_ERROR)
+
+
+class ServerInviteTransaction:
+    """RFC 3261 §17.2.1 INVITE server transaction with RFC 6026's ACCEPTED state.
+
+    Created in PROCEEDING when the INVITE arrives; the driver hands that INVITE to the TU
+    itself, sends ``100 Trying`` through ``send_response`` at once, and routes retransmitted
+    INVITEs to ``receive_request`` and matching ACKs (§17.2.3) to ``receive_ack``.
+
+    Args:
+        branch: the top Via branch of the INVITE.
+        reliable: TCP/TLS (no Timer G, Timer I = 0) versus UDP.
+        timers: T1 (G, H, L), T2 (cap of G), T4 (I).
+    """
+
+    def __init__(self, *, branch: str, reliable: bool, timers: TimerConfig) -> None:
+        self.branch = branch
+        self.reliable = reliable
+        self.timers = timers
+        self._state = InviteTxState.PROCEEDING
+        self._outcome: TxOutcome | None = None
+        self._armed = _Timers()
+        self._last_provisional: bytes | None = None
+        self._final: bytes | None = None
+        self._g_interval = timers.t1
+
+    def __repr__(self) -> str:
+        return (f"ServerInviteTransaction(branch={self.branch!r}, "
+                f"state={self._state.name}, reliable={self.reliable})")
+
+    @property
+    def state(self) -> InviteTxState:
+        """The current state."""
+        return self._state
+
+    @property
+    def outcome(self) -> TxOutcome | None:
+        """How it ended, once TERMINATED; None before."""
+        return self._outcome
+
+    def _step(self, inp: InviteServerInput) -> InviteTxState | None:
+        key = (self._state, inp)
+        if key in INVITE_SERVER_IGNORED:
+            return None
+        if key not in INVITE_SERVER_TRANSITIONS:  # pragma: no cover - tables cover every pair
+            raise TransactionUsageError(
+                f"INVITE server transaction {self.branch!r} cannot take {inp.name} in "
+                f"{self._state.name}"
+            )
+        old, self._state = self._state, INVITE_SERVER_TRANSITIONS[key]
+        return old
+
+    def _terminate(self, outcome: TxOutcome) -> list[Action]:
+        self._state = InviteTxState.TERMINATED
+        self._outcome = outcome
+        self._last_provisional = self._final = None
+        return [*self._armed.stop_all(), Terminated(outcome)]
+
+    def receive_request(self, now: float) -> list[Action]:
+        """A retransmitted INVITE: the last provisional (PROCEEDING) or the final (COMPLETED)
+        goes out again; absorbed otherwise."""
+        old = self._step(InviteServerInput.REQUEST)
+        if old is InviteTxState.PROCEEDING and self._last_provisional is not None:
+            return [Send(self._last_provisional)]
+        if old is InviteTxState.COMPLETED and self._final is not None:
+            return [Send(self._final)]
+        return []
+
+    def receive_ack(self, now: float) -> list[Action]:
+        """The ACK for our 300–699: stop retransmitting; Timer I (or, reliable, terminate)."""
+        if self._step(InviteServerInput.ACK) is None:
+            return []
+        actions = self._armed.stop("G", "H")
+        if self.reliable:
+            self._step(InviteServerInput.TIMER_I)
+            return actions + self._terminate(TxOutcome.COMPLETED)
+        actions.append(self._armed.start("I", now + self.timers.t4))
+        return actions
+
+    def send_response(self, status: int, data: bytes, now: float) -> list[Action]:
+        """The TU answers with ``status``; ``data`` is the serialised response.
+
+        Returns:
+            1xx: ``[Send]``. 2xx: ``Send`` and ``StartTimer("L")`` (in ACCEPTED just
+            ``[Send]``). 300–699: ``Send``, ``StartTimer("G")`` (unreliable) and
+            ``StartTimer("H")``. ``[]`` for a response the state discards.
+
+        Raises:
+            TransactionUsageError: a status outside 100–699.
+        """
+        _check_status(status)
+        if status < 200:
+            inp = InviteServerInput.SEND_PROVISIONAL
+        elif status < 300:
+            inp = InviteServerInput.SEND_2XX
+        else:
+            inp = InviteServerInput.SEND_ERROR
+        old = self._step(inp)
+        if old is None:
+            return []
+        actions: list[Action] = [Send(data)]
+        if inp is InviteServerInput.SEND_PROVISIONAL:
+            self._last_provisional = data
+        elif inp is InviteServerInput.SEND_2XX:
+            if old is InviteTxState.PROCEEDING:
+                self._last_provisional = None
+                actions.append(self._armed.start("L", now + TIMER_L_MULTIPLIER * self.timers.t1))
+        else:
+            self._last_provisional = None
+            self._final = data
+            if not self.reliable:
+                self._g_interval = self.timers.t1
+                actions.append(self._armed.start("G", now + self._g_interval))
+            actions.append(self._armed.start("H", now + TIMER_H_MULTIPLIER * self.timers.t1))
+        return actions
+
+    def timer_fired(self, name: str, now: float) -> list[Action]:
+        """Timer ``name`` ("G", "H", "I" or "L") reached its deadline; unarmed ones: ``[]``.
+
+        Raises:
+            TransactionUsageError: an unknown timer name.
+        """
+        inputs = {"G": InviteServerInput.TIMER_G, "H": InviteServerInput.TIMER_H,
+                  "I": InviteServerInput.TIMER_I, "L": InviteServerInput.TIMER_L}
+        inp = inputs.get(name)
+        if inp is None:
+            raise TransactionUsageError(f"INVITE server transaction has no timer {name!r}")
+        if not self._armed.fired(name):
+            return []
+        if self._step(inp) is None:  # pragma: no cover - armed timers always have an entry
+            return []
+        if inp is InviteServerInput.TIMER_G:
+            self._g_interval = min(2 * self._g_interval, self.timers.t2)
+            assert self._final is not None
+            return [Send(self._final), self._armed.start("G", now + self._g_interval)]
+        if inp is InviteServerInput.TIMER_H:
+            return self._terminate(TxOutcome.TIMEOUT)
+        return self._terminate(TxOutcome.COMPLETED)
+
+    def transport_error(self, now: float) -> list[Action]:
+        """Sending a response failed: RFC 6026 §8.8 keeps the state, so always ``[]``.
+
+        The driver, which saw the failure, informs the TU; Timer H or L still ends the
+        transaction (in PROCEEDING the TU's own final does).
+        """
+        self._step(InviteServerInput.TRANSPORT_ERROR)
+        return []
