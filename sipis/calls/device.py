@@ -75,12 +75,18 @@ import math
 import re
 import secrets
 from collections import OrderedDict
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from typing import Protocol, TypeAlias
 
 import attrs
 
-from sipis.sip.digest import Credentials, make_challenge, parse_credentials
+from sipis.sip.digest import (
+    Credentials,
+    compute_ha1,
+    compute_response_from_ha1,
+    make_challenge,
+    verify_authorization_ha1,
+)
 from sipis.sip.errors import DigestError, SipParseError
 from sipis.sip.headers import URI, Address
 from sipis.sip.message import SipRequest, SipResponse, make_response, new_tag
@@ -110,30 +116,7 @@ DIGEST_ALGORITHMS: tuple[str, ...] = ("SHA-256", "MD5")
 #: Option tags we accept in ``Require`` (RFC 3261 §8.2.2.3); anything else → 420.
 SUPPORTED_OPTIONS: frozenset[str] = frozenset({"outbound"})
 
-_HASHLIB_NAMES: dict[str, str] = {"MD5": "md5", "SHA-256": "sha256"}
-if "sha512_256" in hashlib.algorithms_available:  # pragma: no branch - OpenSSL >= 1.1.1
-    _HASHLIB_NAMES["SHA-512-256"] = "sha512_256"
-_BY_UPPER: dict[str, str] = {name.upper(): name for name in _HASHLIB_NAMES}
-
 _DIGITS = re.compile(r"[0-9]{1,10}")
-
-
-def _canonical(algorithm: str) -> str | None:
-    """``"sha-256-sess"`` → ``"SHA-256-sess"``; None if we do not implement it."""
-    if not algorithm.isascii():
-        return None
-    upper = algorithm.upper()
-    sess = upper.endswith("-SESS")
-    base = _BY_UPPER.get(upper.removesuffix("-SESS"))
-    if base is None:
-        return None
-    return base + "-sess" if sess else base
-
-
-def _h(algorithm: str, data: str | bytes) -> str:
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    return hashlib.new(_HASHLIB_NAMES[algorithm.removesuffix("-sess")], data).hexdigest()
 
 
 # --- HA1 ------------------------------------------------------------------------------------
@@ -152,121 +135,15 @@ def device_ha1(secret: str, username: str, realm: str, algorithm: str) -> str:
     Raises:
         ValueError: an algorithm we do not implement.
     """
-    canonical = _canonical(algorithm)
-    if canonical is None:
-        raise ValueError("unsupported digest algorithm")
-    return _h(canonical, f"{username}:{realm}:{secret}")
+    try:
+        return compute_ha1(algorithm, username, realm, secret)
+    except DigestError as exc:
+        raise ValueError("unsupported digest algorithm") from exc
 
 
 def device_ha1s(secret: str, username: str, realm: str) -> dict[str, str]:
     """One HA1 per algorithm in :data:`DIGEST_ALGORITHMS`, for the store at creation."""
     return {alg: device_ha1(secret, username, realm, alg) for alg in DIGEST_ALGORITHMS}
-
-
-def compute_response_from_ha1(
-    *,
-    algorithm: str,
-    ha1: str,
-    nonce: str,
-    method: str,
-    uri: str,
-    qop: str | None,
-    nc: str | None,
-    cnonce: str | None,
-    body: bytes = b"",
-) -> str:
-    """The digest ``response`` (RFC 7616 §3.4.1) from a stored HA1 instead of a password.
-
-    Same rules as ``sipis.sip.digest.compute_response``: ``-sess`` derives
-    ``H(HA1:nonce:cnonce)``; ``auth-int`` hashes the body into A2; no qop is the RFC 2069 form.
-
-    Raises:
-        DigestError: unsupported algorithm or qop, or a missing nc/cnonce.
-    """
-    canonical = _canonical(algorithm)
-    if canonical is None:
-        raise DigestError("unsupported digest algorithm")
-    if qop is not None and qop not in ("auth", "auth-int"):
-        raise DigestError("unsupported qop")
-    if qop is not None and (nc is None or cnonce is None):
-        raise DigestError("qop needs an nc and a cnonce")
-    if canonical.endswith("-sess"):
-        if cnonce is None:
-            raise DigestError(f"{canonical} needs a cnonce")
-        ha1 = _h(canonical, f"{ha1}:{nonce}:{cnonce}")
-    a2 = f"{method}:{uri}"
-    if qop == "auth-int":
-        a2 += ":" + _h(canonical, body)
-    ha2 = _h(canonical, a2)
-    if qop is None:
-        return _h(canonical, f"{ha1}:{nonce}:{ha2}")
-    return _h(canonical, f"{ha1}:{nonce}:{nc}:{cnonce}:{qop}:{ha2}")
-
-
-def verify_authorization_ha1(
-    header_value: str,
-    *,
-    method: str,
-    ha1_lookup: Callable[[str, str], str | None],
-    realm: str,
-    body: bytes = b"",
-    algorithms: Collection[str] = DIGEST_ALGORITHMS,
-    require_qop: bool = True,
-    accept: Callable[[Credentials], bool] | None = None,
-) -> str | None:
-    """``sipis.sip.digest.verify_authorization`` for a server that stores HA1, not passwords.
-
-    Args:
-        header_value: the ``Authorization`` value.
-        method: the request method (A2).
-        ha1_lookup: (username, base algorithm ``"MD5"``/``"SHA-256"``) → stored HA1 hex, or
-            None for an unknown user or an algorithm with no stored HA1.
-        realm: our realm; credentials for another realm are refused.
-        body: the request body (``auth-int``).
-        algorithms: the algorithms we offered; others are refused (no downgrade).
-        require_qop: refuse the RFC 2069 form.
-        accept: called only once the response matches; return False to refuse (nonce
-            freshness, ``nc`` replay, ``uri`` checks).
-
-    Returns:
-        The username, or None for anything else. Never raises for bad input from the network.
-    """
-    try:
-        creds = parse_credentials(header_value)
-    except DigestError:
-        return None
-    allowed = {_canonical(a) for a in algorithms}
-    if (
-        creds.realm != realm
-        or creds.algorithm not in allowed
-        or creds.userhash
-        or (require_qop and creds.qop is None)
-    ):
-        return None
-    base = creds.algorithm.removesuffix("-sess")
-    ha1 = ha1_lookup(creds.username, base)
-    # Compute even for an unknown user so that timing does not tell which usernames exist.
-    stand_in = _h(base, secrets.token_hex(16))
-    try:
-        expected = compute_response_from_ha1(
-            algorithm=creds.algorithm,
-            ha1=ha1.lower() if ha1 is not None else stand_in,
-            nonce=creds.nonce,
-            method=method,
-            uri=creds.uri,
-            qop=creds.qop,
-            nc=creds.nc,
-            cnonce=creds.cnonce,
-            body=body,
-        )
-    except DigestError:  # pragma: no cover - parse_credentials already checked these
-        return None
-    matched = hmac.compare_digest(expected.encode(), creds.response.encode("utf-8"))
-    if ha1 is None or not matched:
-        return None
-    if accept is not None and not accept(creds):
-        return None
-    return creds.username
 
 
 # --- nonces ---------------------------------------------------------------------------------

@@ -358,14 +358,54 @@ def compute_response(
     canonical = _canonical_algorithm(algorithm)
     if canonical is None:
         raise DigestError(f"unsupported digest algorithm {excerpt(algorithm)}")
+    return compute_response_from_ha1(
+        algorithm=canonical,
+        ha1=compute_ha1(canonical, username, realm, password),
+        nonce=nonce, method=method, uri=uri, qop=qop, nc=nc, cnonce=cnonce, body=body,
+    )
+
+
+def compute_ha1(algorithm: str, username: str, realm: str, password: str) -> str:
+    """``H(username:realm:password)``: what a registrar stores instead of the password.
+
+    A ``-sess`` algorithm uses the same stored value (the session part needs the nonce).
+
+    Raises:
+        DigestError: unsupported algorithm.
+    """
+    canonical = _canonical_algorithm(algorithm)
+    if canonical is None:
+        raise DigestError(f"unsupported digest algorithm {excerpt(algorithm)}")
+    return _h(canonical, f"{username}:{realm}:{password}")
+
+
+def compute_response_from_ha1(
+    *,
+    algorithm: str,
+    ha1: str,
+    nonce: str,
+    method: str,
+    uri: str,
+    qop: str | None = None,
+    nc: str | None = None,
+    cnonce: str | None = None,
+    body: bytes = b"",
+) -> str:
+    """The ``response`` value from a stored HA1 (RFC 7616 §3.4.1); rules as ``compute_response``.
+
+    Raises:
+        DigestError: unsupported algorithm or qop, or a missing nc/cnonce.
+    """
+    canonical = _canonical_algorithm(algorithm)
+    if canonical is None:
+        raise DigestError(f"unsupported digest algorithm {excerpt(algorithm)}")
     if qop is not None and qop not in _KNOWN_QOPS:
         raise DigestError(f"unsupported qop {excerpt(qop)}")
     if qop is not None and (nc is None or cnonce is None):
         raise DigestError("qop needs an nc and a cnonce")
-    if canonical.endswith("-sess") and cnonce is None:
-        raise DigestError(f"{canonical} needs a cnonce")
-    ha1 = _h(canonical, f"{username}:{realm}:{password}")
     if canonical.endswith("-sess"):
+        if cnonce is None:
+            raise DigestError(f"{canonical} needs a cnonce")
         ha1 = _h(canonical, f"{ha1}:{nonce}:{cnonce}")
     a2 = f"{method}:{uri}"
     if qop == "auth-int":
@@ -591,6 +631,37 @@ def verify_authorization(
         password, wrong realm or algorithm, userhash (not supported here), or ``accept``
         said no. Never raises for bad input from the network.
     """
+    def ha1_lookup(username: str, algorithm: str) -> str | None:
+        password = password_lookup(username)
+        return None if password is None else compute_ha1(algorithm, username, realm, password)
+
+    return verify_authorization_ha1(
+        header_value, method=method, ha1_lookup=ha1_lookup, realm=realm, body=body,
+        algorithms=algorithms, require_qop=require_qop, accept=accept,
+    )
+
+
+def verify_authorization_ha1(
+    header_value: str,
+    *,
+    method: str,
+    ha1_lookup: Callable[[str, str], str | None],
+    realm: str,
+    body: bytes = b"",
+    algorithms: Collection[str] = SUPPORTED_ALGORITHMS,
+    require_qop: bool = True,
+    accept: Callable[[Credentials], bool] | None = None,
+) -> str | None:
+    """``verify_authorization`` for a server that stores HA1 values, not passwords.
+
+    Args:
+        ha1_lookup: (username, base algorithm such as ``"MD5"``/``"SHA-256"``) → stored HA1
+            hex, or None for an unknown user or an algorithm with no stored HA1.
+        Others as ``verify_authorization``.
+
+    Returns:
+        The username, or None for anything else. Never raises for bad input from the network.
+    """
     try:
         creds = parse_credentials(header_value)
     except DigestError:
@@ -603,23 +674,21 @@ def verify_authorization(
         or (require_qop and creds.qop is None)
     ):
         return None
-    password = password_lookup(creds.username)
+    base = creds.algorithm.removesuffix("-sess")
+    ha1 = ha1_lookup(creds.username, base)
     # Compute even for an unknown user so that timing does not tell which usernames exist.
-    expected = compute_response(
-        algorithm=creds.algorithm,
-        username=creds.username,
-        password=password if password is not None else secrets.token_hex(16),
-        realm=creds.realm,
-        nonce=creds.nonce,
-        method=method,
-        uri=creds.uri,
-        qop=creds.qop,
-        nc=creds.nc,
-        cnonce=creds.cnonce,
-        body=body,
-    )
+    stand_in = _h(base, secrets.token_hex(16))
+    try:
+        expected = compute_response_from_ha1(
+            algorithm=creds.algorithm,
+            ha1=ha1.lower() if ha1 is not None else stand_in,
+            nonce=creds.nonce, method=method, uri=creds.uri, qop=creds.qop, nc=creds.nc,
+            cnonce=creds.cnonce, body=body,
+        )
+    except DigestError:  # pragma: no cover - parse_credentials already checked these
+        return None
     matched = hmac.compare_digest(expected.encode(), creds.response.encode("utf-8"))
-    if password is None or not matched:
+    if ha1 is None or not matched:
         return None
     if accept is not None and not accept(creds):
         return None
