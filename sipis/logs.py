@@ -22,6 +22,23 @@ _REDACTIONS = (
 )
 
 
+#: How much of a push token logs and the API may show, and from which length on.
+_SHOWN_PREFIX = 6
+_MIN_LEN_TO_SHOW_PREFIX = 24
+
+
+def redacted_token(token: str) -> str:
+    """A push token (or other long credential) shortened for logs: ``"a1b2c3…(64)"``.
+
+    The first 6 characters and the length identify a token among a user's devices without
+    making it usable. Tokens shorter than 24 characters show only their length, because 6
+    characters would be too large a share of them.
+    """
+    if len(token) < _MIN_LEN_TO_SHOW_PREFIX:
+        return f"…({len(token)})"
+    return f"{token[:_SHOWN_PREFIX]}…({len(token)})"
+
+
 def redact(text: str) -> str:
     """Mask credentials in a finished log line."""
     for pattern, replacement in _REDACTIONS:

@@ -7,7 +7,12 @@ SIP password or the full push token; use :func:`redacted_token` where a token mu
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+
 import attrs
+
+from sipis.logs import redacted_token as redacted_token  # re-export (old import path)
 
 REGISTRATION_STATES = ("registering", "registered", "backoff", "auth-failed", "unregistered")
 """Every value ``RegistrationStatus.state`` (and the API's ``registration.state``) may take."""
@@ -33,6 +38,11 @@ class RegistrationStatus:
     last_registered_at: float | None = None
 
 
+def _read_only(mapping: Mapping[str, str]) -> Mapping[str, str]:
+    """A private read-only copy (keeps the record immutable; left out of its hash)."""
+    return MappingProxyType(dict(mapping))
+
+
 @attrs.frozen
 class InstanceRecord:
     """One push instance: an app install plus one SIP account, as stored.
@@ -41,6 +51,14 @@ class InstanceRecord:
     ``repr()``. ``secret_verifier`` is what :func:`sipis.store.crypto.make_verifier` returned for
     the instance secret; the secret itself is never stored. ``lifetime`` is in seconds;
     ``expires_at`` is ``last_heard_at + lifetime`` as maintained by the instance service.
+
+    ``device_ha1`` maps a digest algorithm (``"MD5"``, ``"SHA-256"``) to the hex
+    ``H(id:device_realm:secret)`` that the device registrar checks the woken app's REGISTER
+    against (``sipis.calls.device.device_ha1s``): the verifier cannot yield it. An HA1 is a
+    password equivalent for ``device_realm`` only, so it is treated like ``password``
+    (encrypted, wiped, out of ``repr()``). Records made before HA1s were stored have the
+    defaults, realm ``""`` and no HA1: such an instance simply cannot register a device. The
+    mapping is copied into a read-only one, so a frozen record really cannot change.
     """
 
     id: str
@@ -62,19 +80,9 @@ class InstanceRecord:
     last_heard_at: float
     expires_at: float
     registration: RegistrationStatus = RegistrationStatus()
+    device_realm: str = ""
+    device_ha1: Mapping[str, str] = attrs.field(
+        factory=dict, converter=_read_only, repr=False, hash=False)
 
 
-_SHOWN_PREFIX = 6
-_MIN_LEN_TO_SHOW_PREFIX = 24
 
-
-def redacted_token(token: str) -> str:
-    """A push token (or other long credential) shortened for logs: ``"a1b2c3…(64)"``.
-
-    The first 6 characters and the length identify a token among a user's devices without
-    making it usable. Tokens shorter than 24 characters show only their length, because 6
-    characters would be too large a share of them.
-    """
-    if len(token) < _MIN_LEN_TO_SHOW_PREFIX:
-        return f"…({len(token)})"
-    return f"{token[:_SHOWN_PREFIX]}…({len(token)})"

@@ -28,7 +28,7 @@ import yaml
 
 from sipis.config import Config, load_config
 from sipis.daemon import Daemon
-from sipis.logs import LogfmtFormatter
+from sipis.logs import LogfmtFormatter, quiet_header_loggers
 from tests.peers.ports import free_port
 
 SENSITIVE: set[str] = set()
@@ -52,6 +52,7 @@ def install_log_capture() -> logging.Handler:
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.DEBUG)
+    quiet_header_loggers()  # as the daemon does: hpack would log every HTTP/2 header
     return handler
 
 
