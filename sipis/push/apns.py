@@ -1,0 +1,1182 @@
+"""APNs sender: token-authenticated HTTP/2 pushes to Apple (or a gateway speaking its protocol).
+
+Strategy:
+
+- Pure parts first. :func:`build_request` turns a ``PushRequest`` into the path, ``apns-*``
+  headers and JSON body; :func:`parse_response` turns Apple's answer into a ``PushResult`` or
+  one of the ``sipis.push.base`` errors. Neither does I/O, so the whole mapping is tested with
+  plain synchronous tests.
+- :class:`ApnsTokenProvider` signs the ES256 provider token (JWT) and keeps it for
+  ``refresh_after`` (40 min): Apple refuses tokens older than 60 min and tokens renewed more
+  often than every 20 min, so the middle of that window is the safe place.
+- :class:`ApnsClient` is a thin HTTP/2 client of our own on ``h2`` over trio TLS. httpx cost
+  about 1.9 ms of CPU per push where the target is aioapns' ~0.6 ms; a client that only ever
+  POSTs small bodies to one host needs little of httpx anyway. One connection per endpoint
+  (``max_connections``) carries as many concurrent streams as the server's
+  ``SETTINGS_MAX_CONCURRENT_STREAMS`` allows.
+- Each connection runs three tasks: a reader (all h2 events), a writer (the only task that
+  writes to the socket, so a push cancelled by its caller can never break the connection in
+  the middle of a write), and a pinger that drops a connection that stopped answering PINGs,
+  so that a call is not pushed into a dead socket.
+- GOAWAY frames are lifted out of the inbound byte stream before h2 sees them: h2 treats a
+  received GOAWAY as the end of the connection and would refuse the answers to the streams
+  the server still finishes (RFC 9113 §6.8). We handle GOAWAY ourselves: no new streams, and
+  streams above ``last_stream_id`` are known not to have been processed.
+
+Was a push possibly delivered? (a call must never ring twice because we sent it twice):
+
+- not sent at all, its END_STREAM never handed to the socket, refused with REFUSED_STREAM, or
+  above a GOAWAY's ``last_stream_id``: **not** processed → sent once more on another
+  connection by ``send`` itself, then ``PushRetryable``;
+- anything else without an answer (timeout after sending, connection lost, stream reset with
+  another code): **maybe** processed → ``PushError``, never resent.
+
+Errors (only ``sipis.push.base`` types leave this module; no trio, h2 or ssl exception):
+
+    InvalidToken     410, BadDeviceToken, Unregistered; a token that cannot form a path
+    PushRetryable    429, 5xx (``retry_after`` from Retry-After); cannot connect; provably
+                     unprocessed twice in a row; timed out before the push was sent
+    PushAuthError    403 (InvalidProviderToken, ExpiredProviderToken after one refresh, ...)
+    PushConfigError  unreadable or unusable key file, bad endpoint URL, bad CA file
+    PushError        anything else, with Apple's reason; timeouts and lost connections after
+                     the push was sent (it may have been delivered)
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import ssl
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import attrs
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+import trio
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from hpack import NeverIndexedHeaderTuple
+
+from sipis.logs import redacted_token
+from sipis.push.base import (
+    InvalidToken,
+    PushAuthError,
+    PushConfigError,
+    PushError,
+    PushKind,
+    PushRequest,
+    PushResult,
+    PushRetryable,
+    PushTarget,
+)
+
+__all__ = [
+    "PRODUCTION_URL",
+    "SANDBOX_URL",
+    "ApnsClient",
+    "ApnsSettings",
+    "ApnsStatistics",
+    "ApnsTokenProvider",
+    "build_payload",
+    "build_request",
+    "collapse_id",
+    "make_ssl_context",
+    "open_apns_client",
+    "parse_response",
+]
+
+log = logging.getLogger(__name__)
+# hpack logs every header it encodes at DEBUG, device tokens (in :path) and provider tokens
+# among them: keep it at INFO whatever the root level is.
+logging.getLogger("hpack").setLevel(logging.INFO)
+
+PRODUCTION_URL: Final = "https://api.push.apple.com"
+SANDBOX_URL: Final = "https://api.sandbox.push.apple.com"
+ENVIRONMENTS: Final = ("production", "sandbox")
+
+# Apple: a provider token older than 60 min is refused, one renewed more often than every
+# 20 min gets TooManyProviderTokenUpdates. 40 min sits well inside that window.
+TOKEN_REFRESH_AFTER: Final = 40 * 60.0
+
+MAX_COLLAPSE_ID_BYTES: Final = 64
+MAX_VOIP_PAYLOAD: Final = 5120
+MAX_ALERT_PAYLOAD: Final = 4096
+
+# apns-priority: 10 = send at once; 5 = when it suits the device's power state.
+_PRIORITY: Final[Mapping[PushKind, int]] = {
+    PushKind.CALL: 10,
+    PushKind.CALL_ENDED: 10,
+    PushKind.MESSAGE: 10,
+    PushKind.INSTANCE_EXPIRING: 5,  # sent hours ahead; no need to wake the radio
+}
+# How long Apple keeps an alert for a device that is offline (apns-expiration = now + ttl).
+# VoIP pushes use 0 ("now or never"): a call rung an hour late is worse than none.
+_ALERT_TTL: Final[Mapping[PushKind, int]] = {
+    PushKind.CALL_ENDED: 3600,  # a missed-call note is still useful for a while
+    PushKind.MESSAGE: 86400,
+    PushKind.INSTANCE_EXPIRING: 3600,  # sent 12 h and 1 h before: the next one follows
+}
+# Device tokens become part of the request path: only URL-unreserved characters.
+_TOKEN_RE: Final = re.compile(r"[A-Za-z0-9._~-]{1,512}")
+_TOPIC_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,200}")  # bundle ids: reverse DNS
+_VISIBLE_ASCII_RE: Final = re.compile(r"[\x21-\x7e]+")
+
+_INVALID_TOKEN_REASONS: Final = frozenset({"BadDeviceToken", "Unregistered"})
+_EXPIRED_TOKEN: Final = "ExpiredProviderToken"  # noqa: S105 (a reason, not a secret)
+
+_READ_SIZE: Final = 65536
+_MAX_RESPONSE_BODY: Final = 65536  # Apple's error bodies are a few dozen bytes
+_CLOSE_TIMEOUT: Final = 1.0  # bounded, shielded goodbye (GOAWAY + TLS close) per connection
+_GOAWAY_FRAME: Final = 0x7
+_FRAME_HEADER: Final = 9
+
+
+# --- settings --------------------------------------------------------------------------------
+
+@attrs.frozen(kw_only=True)
+class ApnsSettings:
+    """What the APNs client needs from the configuration (``push.apns``).
+
+    ``production_url``/``sandbox_url`` are ``https://host[:port]``; a push goes to the one
+    named by its target's ``environment`` (``default_environment`` when it has none).
+    ``ca_file`` replaces the system trust store (for gateways and tests).
+    ``request_timeout`` bounds one attempt (and a PING's answer); ``ping_interval`` 0
+    disables the connection health PINGs.
+    """
+
+    team_id: str
+    key_id: str
+    key_file: Path
+    production_url: str = PRODUCTION_URL
+    sandbox_url: str = SANDBOX_URL
+    default_environment: str = "production"
+    ca_file: Path | None = None
+    connect_timeout: float = 10.0
+    request_timeout: float = 10.0
+    max_connections: int = 1
+    max_concurrent_streams: int = 1000  # our own cap, below the server's if that is higher
+    token_refresh: float = TOKEN_REFRESH_AFTER
+    ping_interval: float = 60.0
+
+
+@attrs.frozen
+class ApnsStatistics:
+    """Counters since start (STYLE.md item 7); read by metrics and ``/status``."""
+
+    connections: int  # open now
+    streams: int  # pushes in flight now
+    connects: int  # connections opened
+    accepted: int  # pushes Apple accepted
+    failed: int  # pushes that ended in a PushError of any kind
+    resent: int  # pushes sent again after a provably unprocessed attempt
+    token_refreshes: int  # provider tokens signed
+
+
+# --- pure builders ---------------------------------------------------------------------------
+
+def collapse_id(value: str) -> str:
+    """``value`` as an ``apns-collapse-id``: at most 64 bytes of visible ASCII.
+
+    Longer ids (or ids with other characters, which could break the header) are replaced by
+    their SHA-256 in hex (64 bytes), so that distinct ids stay distinct, where cutting them
+    short could merge two of them.
+    """
+    if len(value) <= MAX_COLLAPSE_ID_BYTES and _VISIBLE_ASCII_RE.fullmatch(value):
+        return value
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+def _alert(req: PushRequest) -> dict[str, str]:
+    """Plain-English alert text; an app's notification service extension may localise it."""
+    caller = req.from_name or req.from_uri or "Unknown caller"
+    if req.kind is PushKind.CALL_ENDED:
+        title = "Answered elsewhere" if req.reason == "answered-elsewhere" else "Missed call"
+        return {"title": title, "body": caller}
+    if req.kind is PushKind.MESSAGE:
+        return {"title": req.from_name or req.from_uri or "New message",
+                "body": req.body or "New message"}
+    return {"title": "Calls will stop soon",
+            "body": "Open the app to keep receiving calls."}
+
+
+def build_payload(req: PushRequest) -> dict[str, Any]:
+    """The JSON payload: the SPEC.md keys in a ``sipis`` object, plus ``aps`` for alerts.
+
+    VoIP pushes carry no ``aps``: PushKit hands the whole payload to the app, which must
+    report the call to CallKit itself.
+    """
+    payload: dict[str, Any] = {"sipis": req.payload()}
+    if req.kind is not PushKind.CALL:
+        payload["aps"] = {"alert": _alert(req), "mutable-content": 1}
+    return payload
+
+
+def _encode(payload: Mapping[str, Any]) -> bytes:
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _fitting_body(req: PushRequest, limit: int) -> bytes:
+    """The encoded payload, with a MESSAGE body shortened (with "…") to fit ``limit`` bytes."""
+    body = _encode(build_payload(req))
+    if len(body) <= limit or not req.body:
+        return body
+    text = req.body
+
+    def shortened(keep: int) -> bytes:
+        return _encode(build_payload(attrs.evolve(req, body=text[:keep] + "…")))
+
+    # Binary search for the longest prefix that fits (characters vary in encoded size).
+    low, high = 0, len(text) - 1
+    while low < high:
+        middle = (low + high + 1) // 2
+        if len(shortened(middle)) <= limit:
+            low = middle
+        else:
+            high = middle - 1
+    return shortened(low)
+
+
+def build_request(req: PushRequest, *, now: float, topic_bundle: str | None = None,
+                  apns_id: str | None = None) -> tuple[str, dict[str, str], bytes]:
+    """The HTTP/2 request for ``req``, without the ``authorization`` header.
+
+    Args:
+        req: the push.
+        now: unix time, for an alert's ``apns-expiration``.
+        topic_bundle: the app's bundle id; ``req.target.app`` when None. VoIP pushes go to
+            ``{bundle}.voip``, alerts to the bundle itself.
+        apns_id: the ``apns-id`` (a UUID) to send, so that a resent push keeps its id.
+
+    Returns:
+        ``(path, headers, body)``: ``/3/device/{token}``, the ``apns-*`` headers (lower-case
+        names), the UTF-8 JSON body.
+
+    Raises:
+        InvalidToken: the token cannot be a device token (``BadDeviceToken``).
+        PushError: ``BadTopic`` for a bundle id that cannot be a topic; ``PayloadTooLarge``
+            (5120 bytes for VoIP, 4096 for alerts) after shortening a message body.
+    """
+    token = req.target.token
+    if not _TOKEN_RE.fullmatch(token):
+        raise InvalidToken("BadDeviceToken")
+    bundle = topic_bundle or req.target.app
+    if not _TOPIC_RE.fullmatch(bundle):
+        raise PushError("BadTopic")
+    voip = req.kind is PushKind.CALL
+    headers = {
+        "apns-push-type": "voip" if voip else "alert",
+        "apns-topic": f"{bundle}.voip" if voip else bundle,
+        "apns-priority": str(_PRIORITY[req.kind]),
+        "apns-expiration": "0" if voip else str(int(now) + _ALERT_TTL[req.kind]),
+    }
+    if apns_id is not None:
+        headers["apns-id"] = apns_id
+    if req.collapse_id:
+        headers["apns-collapse-id"] = collapse_id(req.collapse_id)
+    limit = MAX_VOIP_PAYLOAD if voip else MAX_ALERT_PAYLOAD
+    body = _fitting_body(req, limit)
+    if len(body) > limit:
+        raise PushError("PayloadTooLarge", status=413)
+    return f"/3/device/{token}", headers, body
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Delta-seconds from a Retry-After header; None for dates and garbage."""
+    if value is None or not value.strip().isdigit():
+        return None
+    return float(int(value.strip()))
+
+
+def parse_response(status: int, headers: Mapping[str, str], body: bytes) -> PushResult:
+    """Apple's answer as a result, or the error the caller should act on.
+
+    Args:
+        status: the ``:status``.
+        headers: response headers, lower-case names.
+        body: the body: ``{"reason": "...", "timestamp": ...}`` on errors.
+
+    Returns:
+        ``PushResult(provider="apns", id=apns-id)`` for 200.
+
+    Raises:
+        InvalidToken: 410, or reason BadDeviceToken/Unregistered: wipe the instance.
+        PushRetryable: 429 and 5xx, ``retry_after`` from a Retry-After header.
+        PushAuthError: 403: our provider token was refused (the client refreshes once on
+            ``ExpiredProviderToken`` before this reaches its caller).
+        PushError: anything else, with Apple's reason (e.g. BadTopic, PayloadTooLarge).
+    """
+    if status == 200:
+        return PushResult(provider="apns", id=headers.get("apns-id"))
+    reason = f"HTTP {status}"
+    try:
+        decoded = json.loads(body) if body else None
+    except ValueError:
+        decoded = None
+    if isinstance(decoded, dict) and isinstance(decoded.get("reason"), str):
+        reason = decoded["reason"][:100]
+    if status == 410 or reason in _INVALID_TOKEN_REASONS:
+        raise InvalidToken(reason, status=status)
+    if status == 429 or 500 <= status <= 599:
+        raise PushRetryable(reason, status=status,
+                            retry_after=_retry_after(headers.get("retry-after")))
+    if status == 403:
+        raise PushAuthError(reason, status=status)
+    raise PushError(reason, status=status)
+
+
+# --- provider token --------------------------------------------------------------------------
+
+def _b64url(data: bytes) -> bytes:
+    return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+
+class ApnsTokenProvider:
+    """Signs and caches the ES256 provider token (JWT) Apple wants in ``authorization``.
+
+    The token is ``{"alg": "ES256", "kid": key_id}.{"iss": team_id, "iat": now}`` signed with
+    the ``.p8`` key (PKCS#8 EC P-256); the signature is JOSE's raw ``r || s``, not DER.
+    ``clock`` returns unix seconds (injectable for tests).
+    """
+
+    def __init__(self, team_id: str, key_id: str, key_pem: bytes, *,
+                 refresh_after: float = TOKEN_REFRESH_AFTER,
+                 clock: Callable[[], float] = time.time) -> None:
+        if not team_id or not key_id:
+            raise PushConfigError("APNs team_id and key_id must not be empty")
+        try:
+            key = serialization.load_pem_private_key(key_pem, password=None)
+        except (ValueError, TypeError) as exc:
+            # cryptography's messages never contain the key material.
+            raise PushConfigError(f"APNs key is not a usable PEM private key: {exc}") from None
+        if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+            raise PushConfigError("APNs key must be an EC P-256 (prime256v1) key")
+        self._key = key
+        self._header = _b64url(json.dumps({"alg": "ES256", "kid": key_id},
+                                          separators=(",", ":")).encode())
+        self._team_id = team_id
+        self._refresh_after = refresh_after
+        self._clock = clock
+        self._token: str | None = None
+        self._issued_at = 0.0
+        self.refreshes = 0
+
+    @property
+    def issued_at(self) -> float:
+        """Unix time the current token was signed (0 before the first)."""
+        return self._issued_at
+
+    def token(self) -> str:
+        """The current token, signing a new one when it is ``refresh_after`` old."""
+        now = self._clock()
+        if self._token is None or now - self._issued_at >= self._refresh_after \
+                or now < self._issued_at:  # the wall clock stepped back: do not trust age
+            self._token = self._sign(now)
+            self._issued_at = now
+            self.refreshes += 1
+        return self._token
+
+    def invalidate(self, rejected: str) -> None:
+        """Apple said ``rejected`` expired: the next :meth:`token` signs a new one.
+
+        A token other than the current one is ignored, so that many streams refused at once
+        cause a single refresh (Apple punishes frequent ones).
+        """
+        if rejected == self._token:
+            self._token = None
+
+    def _sign(self, now: float) -> str:
+        claims = _b64url(json.dumps({"iss": self._team_id, "iat": int(now)},
+                                    separators=(",", ":")).encode())
+        signing_input = self._header + b"." + claims
+        der = self._key.sign(signing_input, ec.ECDSA(hashes.SHA256()))
+        r, s = decode_dss_signature(der)
+        signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+        return (signing_input + b"." + _b64url(signature)).decode()
+
+
+# --- HTTP/2 connection -----------------------------------------------------------------------
+
+class _ConnectFailed(Exception):
+    """The connection could not be set up (nothing was sent)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _Unprocessed(Exception):
+    """The server provably did not process the stream: it is safe to send it again."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _ProtocolViolation(Exception):
+    """The server broke HTTP/2 framing in a way we check ourselves."""
+
+
+@attrs.frozen
+class _GoAway:
+    last_stream_id: int
+    error_code: int
+    debug: bytes
+
+
+class _FrameSplitter:
+    """Cuts the inbound bytes at frame boundaries and lifts GOAWAY frames out for us.
+
+    Everything else passes through to h2 unchanged (whole frames only).
+    """
+
+    def __init__(self, max_frame_size: int) -> None:
+        self._pending = b""
+        self._max_frame_size = max_frame_size
+
+    def feed(self, data: bytes) -> list[bytes | _GoAway]:
+        buf = self._pending + data if self._pending else data
+        out: list[bytes | _GoAway] = []
+        start = pos = 0
+        end = len(buf)
+        while end - pos >= _FRAME_HEADER:
+            length = int.from_bytes(buf[pos:pos + 3], "big")
+            if length > self._max_frame_size:
+                raise _ProtocolViolation("frame larger than SETTINGS_MAX_FRAME_SIZE")
+            frame_end = pos + _FRAME_HEADER + length
+            if frame_end > end:
+                break
+            if buf[pos + 3] == _GOAWAY_FRAME:
+                if length < 8:
+                    raise _ProtocolViolation("GOAWAY frame too short")
+                if pos > start:
+                    out.append(buf[start:pos])
+                payload = buf[pos + _FRAME_HEADER:frame_end]
+                out.append(_GoAway(last_stream_id=int.from_bytes(payload[:4], "big") & 0x7FFFFFFF,
+                                   error_code=int.from_bytes(payload[4:8], "big"),
+                                   debug=payload[8:]))
+                start = frame_end
+            pos = frame_end
+        if pos > start:
+            out.append(buf[start:pos])
+        self._pending = buf[pos:]
+        return out
+
+
+class _Stream:
+    """One request's state, shared by the requesting task and the reader."""
+
+    __slots__ = ("body", "closed_by_peer", "done", "end_offset", "error", "headers", "id",
+                 "status")
+
+    def __init__(self, stream_id: int) -> None:
+        self.id = stream_id
+        self.done = trio.Event()
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.body = bytearray()
+        self.error: Exception | None = None
+        # Output offset just past our END_STREAM frame; None until it is queued.
+        self.end_offset: int | None = None
+        self.closed_by_peer = False
+
+    def fail(self, error: Exception) -> None:
+        if not self.done.is_set():
+            self.error = error
+            self.done.set()
+
+
+class _Exchange:
+    """What became of one attempt, readable after a timeout cancelled it."""
+
+    __slots__ = ("stream",)
+
+    def __init__(self) -> None:
+        self.stream: _Stream | None = None
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("latin-1") if isinstance(value, bytes) else value
+
+
+def _describe(exc: BaseException) -> str:
+    """A short, secret-free reason for a transport failure."""
+    cause = exc.__cause__ if exc.__cause__ is not None else exc
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return f"TLS certificate not trusted ({cause.verify_message})"
+    if isinstance(cause, ssl.SSLError):
+        return f"TLS error ({cause.reason or type(cause).__name__})"
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror
+    return type(cause).__name__
+
+
+@attrs.frozen
+class _Endpoint:
+    url: str
+    host: str
+    port: int
+    authority: bytes
+
+    @classmethod
+    def parse(cls, url: str, setting: str) -> _Endpoint:
+        try:
+            parts = urlsplit(url)
+            port = parts.port or 443
+        except ValueError:
+            raise PushConfigError(f"APNs {setting} is not a URL") from None
+        if parts.scheme != "https" or not parts.hostname or parts.path not in ("", "/") \
+                or parts.query or parts.username:
+            raise PushConfigError(f"APNs {setting} must be https://host[:port]")
+        return cls(url=url, host=parts.hostname, port=port, authority=parts.netloc.encode())
+
+
+class _ClientH2Connection(h2.connection.H2Connection):
+    """h2 with an O(1) open-stream count.
+
+    h2 counts open streams by walking every stream it holds each time one opens, and only
+    then drops the closed ones: O(concurrency) per push, the largest CPU cost at a few
+    hundred concurrent pushes. We enforce the server's stream limit ourselves, so h2's own
+    check gets our count (``known_open``) and the walk runs once per ``_SWEEP_EVERY`` streams.
+    """
+
+    _SWEEP_EVERY: Final = 64
+
+    def __init__(self, config: h2.config.H2Configuration) -> None:
+        super().__init__(config)
+        self.known_open = 0
+        self._opened = 0
+
+    @property
+    def open_outbound_streams(self) -> int:
+        self._opened += 1
+        if self._opened % self._SWEEP_EVERY == 0:
+            return super().open_outbound_streams
+        return self.known_open
+
+
+class _Connection:
+    """One HTTP/2 connection to one endpoint; runs in the client's nursery."""
+
+    def __init__(self, endpoint: _Endpoint, ssl_context: ssl.SSLContext, *, conn_id: int,
+                 settings: ApnsSettings, on_closed: Callable[[_Connection], None]) -> None:
+        self.id = conn_id
+        self._endpoint = endpoint
+        self._ssl_context = ssl_context
+        self._settings = settings
+        self._on_closed = on_closed
+        config = h2.config.H2Configuration(
+            client_side=True, header_encoding=None,
+            # Our headers are built lower-case and well-formed: skip h2's per-push checks.
+            validate_outbound_headers=False, normalize_outbound_headers=False)
+        self._h2 = _ClientH2Connection(config)
+        self._h2.local_settings = h2.settings.Settings(client=True, initial_values={
+            h2.settings.SettingCodes.ENABLE_PUSH: 0,
+        })
+        self._splitter = _FrameSplitter(self._h2.max_inbound_frame_size)
+        self._tls: trio.SSLStream[trio.SocketStream] | None = None
+        self._scope: trio.CancelScope | None = None
+        self._streams: dict[int, _Stream] = {}
+        self._outbox = bytearray()
+        self._queued = 0  # bytes ever queued for the socket
+        self._handed = 0  # bytes ever handed to send_all
+        self._wake_writer = trio.Event()
+        self._slots = trio.lowlevel.ParkingLot()
+        self._window = trio.lowlevel.ParkingLot()
+        self._ready = trio.Event()
+        self._ping_ack: trio.Event | None = None
+        self._ping_data = b""
+        self._goaway_last: int | None = None
+        self._close_reason: str | None = None
+        self._transport_ok = True
+
+    # -- state for the pool
+
+    @property
+    def usable(self) -> bool:
+        """Open, set up, and not told to go away: new streams may start here."""
+        return self._ready.is_set() and self._close_reason is None and self._goaway_last is None
+
+    @property
+    def load(self) -> int:
+        return len(self._streams)
+
+    @property
+    def has_capacity(self) -> bool:
+        return len(self._streams) < self._limit()
+
+    def _limit(self) -> int:
+        return min(self._h2.remote_settings.max_concurrent_streams,
+                   self._settings.max_concurrent_streams)
+
+    # -- life cycle
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Connect, start reader/writer/pinger, and end when the connection does.
+
+        Raises ``_ConnectFailed`` (before ``started``) when no HTTP/2 connection came up.
+        """
+        self._tls = await self._connect()
+        started = False
+        try:
+            async with trio.open_nursery() as nursery:
+                self._scope = nursery.cancel_scope
+                nursery.start_soon(self._read_loop)
+                nursery.start_soon(self._write_loop)
+                self._h2.initiate_connection()
+                self._flush_h2()
+                with trio.move_on_after(self._settings.connect_timeout):
+                    await self._ready.wait()  # the server's SETTINGS: its stream limit
+                if self._ready.is_set() and self._close_reason is None:
+                    started = True
+                    task_status.started()
+                    if self._settings.ping_interval > 0:
+                        nursery.start_soon(self._ping_loop)
+                else:
+                    self.close(self._close_reason or "no HTTP/2 SETTINGS from the server")
+        except Exception:  # a bug here must end this connection, not the daemon
+            log.exception("APNs connection %d to %s failed", self.id, self._endpoint.url)
+            self.close("internal error")
+        finally:
+            if self._close_reason is None:
+                self._close_reason = "connection closed"
+            self._fail_streams()
+            with trio.CancelScope(shield=True):
+                await self._shutdown_transport()
+            self._on_closed(self)
+        if not started:
+            raise _ConnectFailed(self._close_reason)
+
+    async def _connect(self) -> trio.SSLStream[trio.SocketStream]:
+        ep = self._endpoint
+        try:
+            with trio.fail_after(self._settings.connect_timeout):
+                tls = await trio.open_ssl_over_tcp_stream(
+                    ep.host, ep.port, ssl_context=self._ssl_context, https_compatible=True)
+                try:
+                    await tls.do_handshake()
+                except BaseException:
+                    await trio.aclose_forcefully(tls)
+                    raise
+        except trio.TooSlowError:
+            raise _ConnectFailed("connect timeout") from None
+        except (OSError, trio.BrokenResourceError) as exc:
+            raise _ConnectFailed(_describe(exc)) from None
+        if tls.selected_alpn_protocol() != "h2":
+            await trio.aclose_forcefully(tls)
+            raise _ConnectFailed("server did not offer HTTP/2 (ALPN h2)")
+        return tls
+
+    def close(self, reason: str) -> None:
+        """End the connection (open streams fail as described in the module docstring)."""
+        if self._close_reason is None:
+            self._close_reason = reason
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def _fail_streams(self) -> None:
+        reason = self._close_reason or "connection closed"
+        for stream in self._streams.values():
+            if stream.done.is_set():
+                continue
+            if self._may_be_processed(stream):
+                stream.fail(PushError(f"APNs connection lost after sending ({reason})"))
+            else:
+                stream.fail(_Unprocessed(reason))
+        self._slots.unpark_all()
+        self._window.unpark_all()
+
+    def _may_be_processed(self, stream: _Stream) -> bool:
+        if self._goaway_last is not None and stream.id > self._goaway_last:
+            return False
+        return stream.end_offset is not None and stream.end_offset <= self._handed
+
+    async def _shutdown_transport(self) -> None:
+        tls = self._tls
+        if tls is None:
+            return
+        with trio.move_on_after(_CLOSE_TIMEOUT):
+            try:
+                if self._transport_ok:
+                    self._h2.close_connection()
+                    await tls.send_all(self._h2.data_to_send())
+                await tls.aclose()
+            except (h2.exceptions.H2Error, trio.BrokenResourceError, trio.ClosedResourceError,
+                    trio.BusyResourceError, OSError):
+                pass
+        await trio.aclose_forcefully(tls)
+
+    # -- tasks
+
+    async def _read_loop(self) -> None:
+        assert self._tls is not None
+        try:
+            while True:
+                data = bytes(await self._tls.receive_some(_READ_SIZE))
+                if not data:
+                    self._transport_ok = False
+                    self.close("closed by the server")
+                    return
+                self._receive(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self._transport_ok = False
+            self.close(f"connection lost ({_describe(exc)})")
+        except (h2.exceptions.H2Error, _ProtocolViolation) as exc:
+            self.close(f"HTTP/2 protocol error ({type(exc).__name__})")
+
+    async def _write_loop(self) -> None:
+        assert self._tls is not None
+        try:
+            while True:
+                await self._wake_writer.wait()
+                self._wake_writer = trio.Event()
+                if self._outbox:
+                    data = bytes(self._outbox)
+                    self._outbox.clear()
+                    self._handed += len(data)
+                    await self._tls.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self._transport_ok = False
+            self.close(f"connection lost ({_describe(exc)})")
+
+    async def _ping_loop(self) -> None:
+        while True:
+            await trio.sleep(self._settings.ping_interval)
+            self._ping_data = os.urandom(8)
+            ack = self._ping_ack = trio.Event()
+            try:
+                self._h2.ping(self._ping_data)
+            except h2.exceptions.H2Error:
+                self.close("HTTP/2 state does not allow PING")
+                return
+            self._flush_h2()
+            with trio.move_on_after(self._settings.request_timeout):
+                await ack.wait()
+            if not ack.is_set():
+                log.info("APNs connection %d: no PING answer, closing", self.id)
+                self.close("no answer to PING")
+                return
+
+    # -- inbound
+
+    def _receive(self, data: bytes) -> None:
+        for piece in self._splitter.feed(data):
+            if isinstance(piece, _GoAway):
+                self._on_goaway(piece)
+            else:
+                for event in self._h2.receive_data(piece):
+                    self._on_event(event)
+        self._flush_h2()
+        self._maybe_finish_goaway()
+
+    def _on_event(self, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.ResponseReceived):
+            stream = self._streams.get(event.stream_id)
+            if stream is not None:
+                for name, value in event.headers:
+                    key = _text(name)
+                    if key == ":status":
+                        stream.status = int(value)
+                    else:
+                        stream.headers[key] = _text(value)
+        elif isinstance(event, h2.events.DataReceived):
+            self._h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            stream = self._streams.get(event.stream_id)
+            if stream is not None and event.data \
+                    and len(stream.body) + len(event.data) <= _MAX_RESPONSE_BODY:
+                stream.body += event.data
+        elif isinstance(event, h2.events.StreamEnded):
+            stream = self._streams.get(event.stream_id)
+            if stream is not None:
+                stream.closed_by_peer = True
+                if stream.status == 0:
+                    stream.fail(PushError("APNs answer without :status"))
+                stream.done.set()
+        elif isinstance(event, h2.events.StreamReset):
+            stream = self._streams.get(event.stream_id)
+            if stream is not None:
+                stream.closed_by_peer = True
+                if event.error_code == h2.errors.ErrorCodes.REFUSED_STREAM:
+                    stream.fail(_Unprocessed("stream refused by the server"))
+                else:
+                    stream.fail(PushError(f"APNs reset the stream ({_error_name(event)})"))
+        elif isinstance(event, h2.events.WindowUpdated):
+            self._window.unpark_all()
+        elif isinstance(event, h2.events.RemoteSettingsChanged):
+            self._ready.set()
+            self._slots.unpark_all()
+            self._window.unpark_all()
+        elif isinstance(event, h2.events.PingAckReceived) and self._ping_ack is not None \
+                and event.ping_data == self._ping_data:
+            self._ping_ack.set()
+
+    def _on_goaway(self, goaway: _GoAway) -> None:
+        last = goaway.last_stream_id
+        if self._goaway_last is None or last < self._goaway_last:
+            self._goaway_last = last
+        log.info("APNs connection %d: GOAWAY last_stream_id=%d error=%d %s", self.id, last,
+                 goaway.error_code, goaway.debug[:200].decode("utf-8", "replace"))
+        for stream in self._streams.values():
+            if stream.id > last:
+                stream.fail(_Unprocessed("GOAWAY before the server processed it"))
+        self._slots.unpark_all()
+        self._window.unpark_all()
+
+    def _maybe_finish_goaway(self) -> None:
+        if self._goaway_last is not None and self._close_reason is None \
+                and all(s.done.is_set() for s in self._streams.values()):
+            self.close("GOAWAY")
+
+    # -- outbound
+
+    def _flush_h2(self) -> None:
+        data = self._h2.data_to_send()
+        if data:
+            self._outbox += data
+            self._queued += len(data)
+            self._wake_writer.set()
+
+    async def exchange(self, ex: _Exchange, headers: list[tuple[bytes, bytes]],
+                       body: bytes) -> None:
+        """Send one request and wait for its answer (in ``ex.stream``).
+
+        Raises ``_Unprocessed`` or ``PushError`` as the module docstring lays out.
+        """
+        while True:
+            if not self.usable:
+                raise _Unprocessed(self._close_reason or "connection going away")
+            if self.has_capacity:
+                break
+            await self._slots.park()
+        # Woken for a slot just as our deadline passed? Then do not send at all.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            stream_id = self._h2.get_next_available_stream_id()
+            self._h2.known_open = len(self._streams)
+            self._h2.send_headers(stream_id, headers, end_stream=not body)
+        except h2.exceptions.H2Error as exc:  # nothing of this request left us
+            self.close(f"HTTP/2 state error ({type(exc).__name__})")
+            raise _Unprocessed("HTTP/2 state error") from None
+        stream = ex.stream = self._streams[stream_id] = _Stream(stream_id)
+        try:
+            self._flush_h2()
+            if body:
+                await self._send_body(stream, body)
+            else:
+                stream.end_offset = self._queued
+            await stream.done.wait()
+        finally:
+            self._release(stream)
+        if stream.error is not None:
+            raise stream.error
+
+    async def _send_body(self, stream: _Stream, body: bytes) -> None:
+        """DATA frames within the peer's flow-control windows; END_STREAM on the last one."""
+        offset = 0
+        while not stream.done.is_set():
+            try:
+                window = min(self._h2.local_flow_control_window(stream.id),
+                             self._h2.max_outbound_frame_size)
+                if window <= 0:
+                    await self._window.park()
+                    continue
+                chunk = body[offset:offset + window]
+                offset += len(chunk)
+                end = offset >= len(body)
+                self._h2.send_data(stream.id, chunk, end_stream=end)
+            except h2.exceptions.H2Error:
+                # Our END_STREAM never left: the server cannot have acted on the request.
+                stream.fail(_Unprocessed("stream closed before the request was complete"))
+                return
+            self._flush_h2()
+            if end:
+                stream.end_offset = self._queued
+                return
+
+    def _release(self, stream: _Stream) -> None:
+        """Forget a finished or abandoned stream; reset it if it is still open."""
+        del self._streams[stream.id]
+        if self._close_reason is None and not (stream.closed_by_peer
+                                               and stream.end_offset is not None):
+            with contextlib.suppress(h2.exceptions.H2Error):  # already closed in h2
+                self._h2.reset_stream(stream.id, h2.errors.ErrorCodes.CANCEL)
+            self._flush_h2()
+        self._slots.unpark()
+        self._maybe_finish_goaway()
+
+
+def _error_name(event: h2.events.StreamReset) -> str:
+    code = event.error_code
+    return code.name if isinstance(code, h2.errors.ErrorCodes) else str(code)
+
+
+@attrs.define
+class _Pool:
+    """The connections to one endpoint."""
+
+    conns: list[_Connection] = attrs.Factory(list)
+    lock: trio.Lock = attrs.Factory(trio.Lock)
+    generation: int = 0
+    last_error: str | None = None
+
+    def pick(self, max_connections: int) -> _Connection | None:
+        usable = [c for c in self.conns if c.usable]
+        if not usable:
+            return None
+        best = min(usable, key=lambda c: c.load)
+        if best.has_capacity or len(usable) >= max_connections:
+            return best
+        return None
+
+    def remove(self, conn: _Connection) -> None:
+        if conn in self.conns:
+            self.conns.remove(conn)
+
+
+# --- the client ------------------------------------------------------------------------------
+
+def _read_key(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise PushConfigError(f"cannot read APNs key file {path}: {exc.strerror}") from None
+
+
+def make_ssl_context(ca_file: Path | None = None) -> ssl.SSLContext:
+    """TLS client context for APNs: ``ca_file`` alone if given, else the system trust."""
+    try:
+        context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise PushConfigError(f"cannot load APNs CA file {ca_file}: {exc}") from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["h2"])
+    return context
+
+
+class ApnsClient:
+    """Sends pushes to APNs over long-lived HTTP/2 connections (implements ``PushClient``).
+
+    Run it as a service: ``await nursery.start(client.run)``; then ``send`` from any task.
+    ``aclose`` ends it (or cancelling ``run``).
+
+    ``send`` itself resends a push at most: once with a fresh provider token after
+    ``ExpiredProviderToken``, and once on another connection when the server provably did not
+    process it. Timed retries on 429/5xx are the caller's (``PushRetryable``).
+    """
+
+    def __init__(self, settings: ApnsSettings, *, clock: Callable[[], float] = time.time,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        """Read the key and check the endpoints.
+
+        Raises:
+            PushConfigError: the key file cannot be read or is no EC P-256 key, an endpoint
+                URL is not ``https://host[:port]``, the CA file cannot be loaded, or
+                ``default_environment`` is unknown.
+        """
+        if settings.default_environment not in ENVIRONMENTS:
+            raise PushConfigError("APNs default_environment must be production or sandbox")
+        self._settings = settings
+        self._clock = clock
+        self._tokens = ApnsTokenProvider(settings.team_id, settings.key_id,
+                                         _read_key(settings.key_file),
+                                         refresh_after=settings.token_refresh, clock=clock)
+        self._ssl_context = ssl_context or make_ssl_context(settings.ca_file)
+        self._endpoints = {
+            "production": _Endpoint.parse(settings.production_url, "production_url"),
+            "sandbox": _Endpoint.parse(settings.sandbox_url, "sandbox_url"),
+        }
+        self._pools: dict[str, _Pool] = {}
+        self._nursery: trio.Nursery | None = None
+        self._stopped = trio.Event()
+        self._closed = False
+        self._connects = 0
+        self._accepted = 0
+        self._failed = 0
+        self._resent = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Hold the connections' tasks until :meth:`aclose` or cancellation."""
+        if self._nursery is not None or self._closed:
+            raise RuntimeError("ApnsClient.run() can only run once")
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._closed = True
+            self._stopped.set()
+
+    async def aclose(self) -> None:
+        """Close every connection (GOAWAY, bounded) and stop :meth:`run`."""
+        self._closed = True
+        for pool in self._pools.values():
+            for conn in list(pool.conns):
+                conn.close("client closed")
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+            await self._stopped.wait()
+
+    def statistics(self) -> ApnsStatistics:
+        conns = [c for pool in self._pools.values() for c in pool.conns]
+        return ApnsStatistics(connections=len(conns), streams=sum(c.load for c in conns),
+                              connects=self._connects, accepted=self._accepted,
+                              failed=self._failed, resent=self._resent,
+                              token_refreshes=self._tokens.refreshes)
+
+    def _endpoint_for(self, target: PushTarget) -> _Endpoint:
+        if target.provider != "apns":
+            raise PushConfigError(f"not an APNs target (provider {target.provider!r})")
+        environment = target.environment or self._settings.default_environment
+        if environment == "development":
+            environment = "sandbox"
+        endpoint = self._endpoints.get(environment)
+        if endpoint is None:
+            raise PushError(f"unknown APNs environment {environment[:20]!r}")
+        return endpoint
+
+    async def send(self, request: PushRequest) -> PushResult:
+        """Send one push and return Apple's acceptance.
+
+        Raises:
+            InvalidToken, PushRetryable, PushAuthError, PushConfigError, PushError: see the
+                module docstring.
+            RuntimeError: :meth:`run` has not been started.
+        """
+        device = redacted_token(request.target.token)
+        try:
+            result = await self._send(request)
+        except PushError as exc:
+            self._failed += 1
+            log.info("apns push %s failed device=%s instance=%s reason=%s status=%s",
+                     request.kind.value, device, request.instance[:8], exc.reason, exc.status)
+            raise
+        self._accepted += 1
+        log.debug("apns push %s accepted device=%s instance=%s apns-id=%s attempts=%d",
+                  request.kind.value, device, request.instance[:8], result.id, result.attempts)
+        return result
+
+    async def _send(self, request: PushRequest) -> PushResult:
+        endpoint = self._endpoint_for(request.target)
+        path, fields, body = build_request(request, now=self._clock(),
+                                           apns_id=str(uuid.uuid4()))
+        head = [(b":method", b"POST"), (b":scheme", b"https"),
+                (b":authority", endpoint.authority), (b":path", path.encode())]
+        # apns-id is new for every push: indexing it would only churn the HPACK table.
+        tail = [NeverIndexedHeaderTuple(name.encode(), value.encode()) if name == "apns-id"
+                else (name.encode(), value.encode()) for name, value in fields.items()]
+        refreshed = resent = False
+        attempts = 0
+        while True:
+            attempts += 1
+            jwt = self._tokens.token()
+            headers = [*head, (b"authorization", b"bearer " + jwt.encode()), *tail]
+            try:
+                status, response_headers, response_body = await self._attempt(
+                    endpoint, headers, body)
+            except _Unprocessed as exc:
+                if resent:
+                    raise PushRetryable(f"not processed by APNs: {exc.reason}") from None
+                resent = True
+                self._resent += 1
+                log.debug("apns push not processed (%s): sending it once more", exc.reason)
+                continue
+            try:
+                result = parse_response(status, response_headers, response_body)
+            except PushAuthError as exc:
+                if exc.reason == _EXPIRED_TOKEN and not refreshed:
+                    refreshed = True
+                    self._tokens.invalidate(jwt)
+                    continue
+                raise
+            return attrs.evolve(result, attempts=attempts)
+
+    async def _attempt(self, endpoint: _Endpoint, headers: list[tuple[bytes, bytes]],
+                       body: bytes) -> tuple[int, dict[str, str], bytes]:
+        conn = await self._connection(endpoint)
+        ex = _Exchange()
+        timeout = self._settings.request_timeout
+        with trio.move_on_after(timeout) as scope:
+            await conn.exchange(ex, headers, body)
+        stream = ex.stream
+        if scope.cancelled_caught or stream is None:
+            if stream is None or stream.end_offset is None:
+                # Never complete on the wire: the server cannot have acted on it.
+                raise PushRetryable(f"APNs connection busy: not sent within {timeout:g}s")
+            raise PushError(f"no answer from APNs within {timeout:g}s (may have been sent)")
+        return stream.status, stream.headers, bytes(stream.body)
+
+    async def _connection(self, endpoint: _Endpoint) -> _Connection:
+        """A usable connection to ``endpoint``, opening one when needed (one at a time)."""
+        if self._closed:
+            raise PushError("APNs client closed")
+        if self._nursery is None:
+            raise RuntimeError("ApnsClient.run() is not running")
+        pool = self._pools.setdefault(endpoint.url, _Pool())
+        max_connections = max(1, self._settings.max_connections)
+        conn = pool.pick(max_connections)
+        if conn is not None:
+            return conn
+        generation = pool.generation
+        async with pool.lock:
+            conn = pool.pick(max_connections)
+            if conn is not None:
+                return conn
+            if self._closed:
+                raise PushError("APNs client closed")
+            if pool.generation != generation and pool.last_error is not None:
+                # Someone failed to connect while we queued: do not hammer the server.
+                raise PushRetryable(f"cannot connect to APNs: {pool.last_error}")
+            pool.generation += 1
+            self._connects += 1
+            conn = _Connection(endpoint, self._ssl_context, conn_id=self._connects,
+                               settings=self._settings, on_closed=pool.remove)
+            pool.conns.append(conn)
+            try:
+                await self._nursery.start(conn.run)
+            except _ConnectFailed as exc:
+                pool.remove(conn)
+                pool.last_error = exc.reason
+                log.warning("APNs %s: cannot connect: %s", endpoint.url, exc.reason)
+                raise PushRetryable(f"cannot connect to APNs: {exc.reason}") from None
+            except BaseException:
+                pool.remove(conn)
+                raise
+            pool.last_error = None
+            log.info("APNs connection %d to %s open", conn.id, endpoint.url)
+            return conn
+
+
+@asynccontextmanager
+async def open_apns_client(settings: ApnsSettings, *, clock: Callable[[], float] = time.time,
+                           ssl_context: ssl.SSLContext | None = None
+                           ) -> AsyncIterator[ApnsClient]:
+    """An ``ApnsClient`` running for the ``async with`` block (tests, benchmarks, scripts).
+
+    Exceptions leaving the block arrive wrapped in an ``ExceptionGroup`` (trio nursery).
+    """
+    client = ApnsClient(settings, clock=clock, ssl_context=ssl_context)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(client.run)
+        try:
+            yield client
+        finally:
+            with trio.CancelScope(shield=True):
+                await client.aclose()
