@@ -549,53 +549,6 @@ def _list(item: Parser, *, non_empty: str | None = None) -> Parser:
     return parse_list
 
 
-def _check_no_duplicate_keys(root: yaml.Node, path: str) -> None:
-    """Duplicate keys anywhere below ``root`` (iterative: aliases may form cycles)."""
-    seen: set[int] = set()
-    stack = [root]
-    while stack:
-        node = stack.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        if isinstance(node, yaml.MappingNode):
-            keys: dict[tuple[str, str], yaml.Node] = {}
-            for key_node, value_node in node.value:
-                if isinstance(key_node, yaml.ScalarNode):
-                    ident = (key_node.tag, key_node.value)
-                    if ident in keys:
-                        _fail(f"duplicate key {_quote(key_node.value)} (first given on line "
-                              f"{_line(keys[ident])})", path, key_node)
-                    keys[ident] = key_node
-                stack.extend((key_node, value_node))
-        elif isinstance(node, yaml.SequenceNode):
-            stack.extend(node.value)
-
-
-def _opaque_mapping(node: yaml.Node, path: str, ctx: _Ctx) -> Mapping[str, Any]:
-    """A mapping kept as data for a later release (``push.apns``/``push.fcm``)."""
-    if not isinstance(node, yaml.MappingNode):
-        _fail(f"must be a mapping, not {_kind(node)}", path, node)
-    _check_no_duplicate_keys(node, path)
-    stack = [node]
-    seen: set[int] = set()
-    while stack:  # refuse custom tags anywhere inside, as everywhere else
-        current = stack.pop()
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        if not current.tag.startswith(_STD_TAG):
-            _fail(f"YAML tag {_quote(current.tag)} is not supported", path, current)
-        if isinstance(current, yaml.MappingNode):
-            stack.extend(n for pair in current.value for n in pair)
-        elif isinstance(current, yaml.SequenceNode):
-            stack.extend(current.value)
-    value = _construct(node, path, ctx)
-    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-        _fail("must be a mapping with string keys", path, node)
-    return MappingProxyType(value)
-
-
 # --- the schema ------------------------------------------------------------------------------
 
 
@@ -787,16 +740,76 @@ class ApiConfig:
     device_registrar: str | None = attrs.field(default=None, metadata=_meta(_optional(_sip_uri)))
 
 
+_HTTP_URL_RE = re.compile(r"https?://[A-Za-z0-9.\-\[\]:]+(/[\x21-\x7e]*)?")
+
+
+def _http_url(node: yaml.Node, path: str, ctx: _Ctx) -> str:
+    expected = 'an http(s) URL such as "https://api.push.apple.com"'
+    text = _str(node, path, ctx, expected)
+    if not _HTTP_URL_RE.fullmatch(text):
+        _fail(f"must be {expected}", path, node)
+    return text
+
+
+@attrs.frozen(kw_only=True)
+class ApnsConfig:
+    """``push.apns``: Apple Push Notification service with token (.p8 key) authentication."""
+
+    team_id: str = attrs.field(default="", metadata=_meta(_header_text))
+    key_id: str = attrs.field(default="", metadata=_meta(_header_text))
+    key_file: Path | None = attrs.field(default=None, metadata=_meta(_optional(_path)))
+    production_url: str = attrs.field(default="https://api.push.apple.com",
+                                      metadata=_meta(_http_url))
+    sandbox_url: str = attrs.field(default="https://api.sandbox.push.apple.com",
+                                   metadata=_meta(_http_url))
+    # CA bundle to trust instead of the system's (on-premises gateways, tests).
+    ca_file: Path | None = attrs.field(default=None, metadata=_meta(_optional(_path)))
+    request_timeout: float = attrs.field(default=10.0, metadata=_meta(_duration()))
+
+
+@attrs.frozen(kw_only=True)
+class FcmConfig:
+    """``push.fcm``: Firebase Cloud Messaging HTTP v1 with a service-account key."""
+
+    service_account_file: Path | None = attrs.field(default=None,
+                                                    metadata=_meta(_optional(_path)))
+    # Default: the key file's project_id.
+    project_id: str | None = attrs.field(default=None, metadata=_meta(_optional(_header_text)))
+    # Default: https://fcm.googleapis.com/v1/projects/{project_id}/messages:send
+    url: str | None = attrs.field(default=None, metadata=_meta(_optional(_http_url)))
+    # Default: the key file's token_uri.
+    token_uri: str | None = attrs.field(default=None, metadata=_meta(_optional(_http_url)))
+    ca_file: Path | None = attrs.field(default=None, metadata=_meta(_optional(_path)))
+    call_ttl: float = attrs.field(default=30.0, metadata=_meta(_duration()))
+    request_timeout: float = attrs.field(default=10.0, metadata=_meta(_duration()))
+
+
 @attrs.frozen(kw_only=True)
 class PushConfig:
     """``push``: where pushes go. ``log`` writes every push as one log line instead."""
 
-    provider: str = attrs.field(default="log", metadata=_meta(_choice("log")))
-    # Reserved for the APNs/FCM senders: kept as opaque data for now.
-    apns: Mapping[str, Any] | None = attrs.field(default=None,
-                                                  metadata=_meta(_optional(_opaque_mapping)))
-    fcm: Mapping[str, Any] | None = attrs.field(default=None,
-                                                 metadata=_meta(_optional(_opaque_mapping)))
+    # log: every push becomes a log line (development); live: sent to APNs / FCM.
+    provider: str = attrs.field(default="log", metadata=_meta(_choice("log", "live")))
+    apns: ApnsConfig | None = attrs.field(default=None,
+                                          metadata=_meta(_optional(_Section(ApnsConfig))))
+    fcm: FcmConfig | None = attrs.field(default=None,
+                                        metadata=_meta(_optional(_Section(FcmConfig))))
+    # Retries of 429/5xx answers, within the call's ring timer.
+    retry_backoff_base: float = attrs.field(default=0.5, metadata=_meta(_duration()))
+    retry_backoff_cap: float = attrs.field(default=8.0, metadata=_meta(_duration()))
+    # Put a MESSAGE's text in its push (otherwise only the sender is named).
+    message_body: bool = attrs.field(default=False, metadata=_meta(_bool))
+
+
+@attrs.frozen(kw_only=True)
+class CallsConfig:
+    """``calls``: incoming calls and messages (SPEC.md "SIP behaviour")."""
+
+    ring_timeout: float = attrs.field(default=120.0, metadata=_meta(_duration()))  # T1
+    progress_timeout: float = attrs.field(default=120.0, metadata=_meta(_duration()))  # T2
+    message_retention: float = attrs.field(default=7 * 86400.0, metadata=_meta(_duration()))
+    call_record_retention: float = attrs.field(default=7 * 86400.0,
+                                               metadata=_meta(_duration()))
 
 
 @attrs.frozen(kw_only=True)
@@ -821,6 +834,7 @@ class Config:
                                            metadata=_meta(_Section(LifetimeConfig)))
     api: ApiConfig = attrs.field(factory=ApiConfig, metadata=_meta(_Section(ApiConfig)))
     push: PushConfig = attrs.field(factory=PushConfig, metadata=_meta(_Section(PushConfig)))
+    calls: CallsConfig = attrs.field(factory=CallsConfig, metadata=_meta(_Section(CallsConfig)))
     metrics: MetricsConfig = attrs.field(factory=MetricsConfig,
                                          metadata=_meta(_Section(MetricsConfig)))
     # How long a stopping daemon waits for in-flight work (STYLE.md item 8).
@@ -846,6 +860,30 @@ def _check_listen(item: ListenConfig, path: str, ctx: _Ctx) -> ListenConfig:
             if getattr(item, name) is not None:
                 ctx.fail(_join(path, name), "only a tls listener takes a certificate")
     return item
+
+
+@_check(ApnsConfig)
+def _check_apns(apns: ApnsConfig, path: str, ctx: _Ctx) -> ApnsConfig:
+    for name in ("team_id", "key_id", "key_file"):
+        if not ctx.given(_join(path, name)):
+            ctx.fail(_join(path, name), "required for APNs token authentication")
+    return apns
+
+
+@_check(FcmConfig)
+def _check_fcm(fcm: FcmConfig, path: str, ctx: _Ctx) -> FcmConfig:
+    if fcm.service_account_file is None:
+        ctx.fail(_join(path, "service_account_file"), "required: the service-account key file")
+    return fcm
+
+
+@_check(PushConfig)
+def _check_push(push: PushConfig, path: str, ctx: _Ctx) -> PushConfig:
+    if push.provider == "live" and push.apns is None and push.fcm is None:
+        ctx.fail(_join(path, "provider"), "live pushes need push.apns or push.fcm")
+    if push.retry_backoff_cap < push.retry_backoff_base:
+        ctx.fail(_join(path, "retry_backoff_cap"), "must not be shorter than retry_backoff_base")
+    return push
 
 
 @_check(SipConfig)

@@ -277,14 +277,16 @@ def test_hosts_domains_and_networks_are_normalised() -> None:
     assert config.api.allowed_apps == ("com.Example.phone", "*")
 
 
-def test_push_apns_and_fcm_are_kept_as_opaque_mappings() -> None:
-    """push.apns/fcm accept any mapping for now and keep it read-only."""
-    config = load("push: {apns: {team_id: ABC, keys: [1, 2], nested: {a: b}}, fcm: null}")
-    assert config.push.apns == {"team_id": "ABC", "keys": [1, 2], "nested": {"a": "b"}}
+def test_push_apns_and_fcm_sections_are_typed() -> None:
+    """push.apns/fcm are typed sections with their own required keys."""
+    config = load("push: {provider: live, apns: {team_id: ABCDE12345, key_id: K1, "
+                  "key_file: k.p8}}")
+    assert config.push.apns is not None and config.push.apns.team_id == "ABCDE12345"
+    assert config.push.apns.production_url == "https://api.push.apple.com"
     assert config.push.fcm is None
-    with pytest.raises(TypeError):
-        config.push.apns["x"] = 1  # type: ignore[index]
-
+    assert error("push: {apns: {team_id: A}}").path == "push.apns.key_id"
+    assert error("push: {fcm: {}}").path == "push.fcm.service_account_file"
+    assert error("push: {provider: live}").path == "push.provider"
 
 def test_metrics_disabled_frees_its_port() -> None:
     """The TCP port clash check skips a disabled metrics listener."""
@@ -441,7 +443,9 @@ def test_a_bad_port_in_a_list_item_names_the_index_and_line() -> None:
      "already taken by sip.listen[1]"),
     ("push: {provider: apns}", "push.provider", "one of: log"),
     ("push: {apns: [a]}", "push.apns", "must be a mapping"),
-    ("push: {apns: {a: 1, a: 2}}", "push.apns", "duplicate key"),
+    ("push: {apns: {a: 1, a: 2}}", "push.apns.a", "duplicate key"),
+    ("push: {apns: {team_id: A, key_id: B, key_file: k, production_url: ftp://x}}",
+     "push.apns.production_url", "http(s) URL"),
     ("metrics: {enabled: maybe}", "metrics.enabled", "true or false"),
     ("shutdown_grace: -1s", "shutdown_grace", "duration such as"),
 ])
@@ -499,7 +503,7 @@ def test_a_top_level_that_is_not_a_mapping_is_an_error(text: str) -> None:
     ("sip: {max_message_size: !!int abc}\n", "sip.max_message_size"),
     ("store: {create_key_file: !!bool perhaps}\n", "store.create_key_file"),
     ("shutdown_grace: !!timestamp soon\n", "shutdown_grace"),
-    ("push: {apns: {key: !secret x}}\n", "push.apns"),
+    ("push: {apns: {key: !secret x}}\n", "push.apns.key"),
     ("push: {apns: {? [a]\n : b}}\n", "push.apns"),
     ("log: {? [a, b] : 1}\n", "log"),
 ])
@@ -510,10 +514,10 @@ def test_odd_yaml_tags_and_keys_are_config_errors(text: str, path: str) -> None:
     assert err.line is not None
 
 
-def test_recursive_aliases_in_opaque_data_are_a_config_error() -> None:
+def test_recursive_aliases_in_a_section_are_a_config_error() -> None:
     """An alias cycle inside push.apns is refused with a line rather than looping."""
     err = error("push:\n  apns: &a {self: *a}\n")
-    assert (err.path, err.line) == ("push.apns", 2)
+    assert (err.path, err.line) == ("push.apns.self", 2)
 
 
 def test_deep_nesting_is_a_config_error() -> None:
