@@ -28,13 +28,14 @@ from typing import Protocol
 import attrs
 import trio
 
+from sipis.calls.device import device_ha1s
 from sipis.registrar.binding import FailureKind
 from sipis.registrar.keeper import RegistrationKeeper
 from sipis.sip.errors import SipParseError
 from sipis.sip.headers import URI
 from sipis.store.base import Store
 from sipis.store.crypto import check_verifier, make_verifier, new_secret
-from sipis.store.errors import StoreError
+from sipis.store.errors import NotFound, StoreError
 from sipis.store.models import InstanceRecord, RegistrationStatus
 
 log = logging.getLogger(__name__)
@@ -238,6 +239,8 @@ class InstanceService:
         self._expiry: dict[str, tuple[float, float]] = {}
         self._handed_to_app: set[str] = set()
         self._locks: dict[str, trio.Lock] = {}
+        # id → (device realm, algorithm → HA1): see device_ha1_cached.
+        self._ha1_cache: dict[str, tuple[str, Mapping[str, str]]] = {}
 
     # -- start-up and sweeping --------------------------------------------------------------
 
@@ -251,6 +254,7 @@ class InstanceService:
             if record.expires_at <= now:
                 await self.wipe(record.id, WipeReason.EXPIRED)
                 continue
+            self._cache_ha1(record)
             if record.registration.state == "unregistered":
                 self._handed_to_app.add(record.id)  # the app holds it (foreground)
                 continue
@@ -311,8 +315,9 @@ class InstanceService:
         now = self._clock()
         lifetime = self.policy.lifetime_for(aor.host, new.lifetime)
         secret = new_secret()
+        instance_id = _token(16)
         record = InstanceRecord(
-            id=_token(16),
+            id=instance_id,
             secret_verifier=make_verifier(secret),
             app=new.app,
             aor=new.aor,
@@ -331,6 +336,8 @@ class InstanceService:
             last_heard_at=now,
             expires_at=now + lifetime,
             registration=RegistrationStatus(state="registering"),
+            device_realm=self.policy.realm,
+            device_ha1=device_ha1s(secret, instance_id, self.policy.realm),
         )
         outcome = await self._keeper.register_first(record)
         if not outcome.registered:
@@ -350,6 +357,7 @@ class InstanceService:
                 await self._keeper.remove(record.id)
             raise
         self._expiry[record.id] = (record.expires_at, record.created_at)
+        self._cache_ha1(record)
         log.info("instance=%s created app=%s domain=%s lifetime=%d", short_id(record.id),
                  record.app, aor.host, lifetime)
         return Created(record=record, secret=secret)
@@ -396,6 +404,7 @@ class InstanceService:
                 deleted = await self._store.delete(instance_id)
             self._expiry.pop(instance_id, None)
             self._handed_to_app.discard(instance_id)
+            self._ha1_cache.pop(instance_id, None)
         self._locks.pop(instance_id, None)
         if deleted:
             log.info("instance=%s wiped reason=%s", short_id(instance_id), reason)
@@ -427,10 +436,46 @@ class InstanceService:
             registrar=self.policy.device_registrar, username=record.id, realm=self.policy.realm
         )
 
+    # -- the device registrar's digest lookups ------------------------------------------------
+
+    async def ha1_lookup(self, instance_id: str, algorithm: str) -> str | None:
+        """The stored device HA1 of ``instance_id`` for ``algorithm`` (``"MD5"``/``"SHA-256"``).
+
+        None for an unknown instance, an algorithm without an HA1, or HA1s computed for another
+        realm than the current ``policy.realm`` (``sip.public_host`` changed since the instance
+        was made: its HA1s no longer verify anything). Raises StoreError if the store fails,
+        so that the caller can answer 500 rather than a misleading 401.
+        """
+        try:
+            record = await self._store.get(instance_id)
+        except NotFound:
+            return None
+        if record.device_realm != self.policy.realm:
+            return None
+        return record.device_ha1.get(algorithm)
+
+    def device_ha1_cached(self, instance_id: str, algorithm: str) -> str | None:
+        """:meth:`ha1_lookup` from memory, for the device registrar's synchronous lookup.
+
+        Filled at create and ``load_all`` and dropped by ``wipe``, so it holds exactly the live
+        instances. Trade-off: the HA1s of every live instance stay in this process's memory, as
+        the SIP passwords already do in the registration keeper; an HA1 only lets one register
+        a device to sipis's own realm. Reading the store on each REGISTER would keep them out of
+        memory but cannot be done from the sans-IO registrar.
+        """
+        entry = self._ha1_cache.get(instance_id)
+        if entry is None or entry[0] != self.policy.realm:
+            return None
+        return entry[1].get(algorithm)
+
     # -- internals --------------------------------------------------------------------------
 
     def _lock(self, instance_id: str) -> trio.Lock:
         return self._locks.setdefault(instance_id, trio.Lock())
+
+    def _cache_ha1(self, record: InstanceRecord) -> None:
+        if record.device_ha1:
+            self._ha1_cache[record.id] = (record.device_realm, record.device_ha1)
 
     async def _heard_from(self, record: InstanceRecord) -> InstanceRecord:
         now = self._clock()

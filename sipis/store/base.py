@@ -39,7 +39,8 @@ class Store(Protocol):
     async def replace(self, rec: InstanceRecord) -> None:
         """Overwrite the whole stored record with id ``rec.id``.
 
-        A changed password or push token leaves no copy of the old value in the store.
+        A changed password, push token or set of device HA1s leaves no copy of the old value in
+        the store.
         Raises NotFound, or Conflict if the new contact token belongs to another instance.
         """
 

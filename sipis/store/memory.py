@@ -1,9 +1,9 @@
 """In-memory :class:`~sipis.store.base.Store` for the unit tests of other layers.
 
 Same contract as the SQLite store (Conflict on a taken id or contact token, NotFound, whole
-record replace, StoreError after ``close()``), without persistence or encryption. For
-convenience it is usable before ``open()``. Python strings cannot be zeroed, so a "wipe" here
-only forgets the record.
+record replace, StoreError after ``close()``), without persistence or encryption; every field,
+the device realm and HA1s included, comes back as stored. For convenience it is usable before
+``open()``. Python strings cannot be zeroed, so a "wipe" here only forgets the record.
 """
 
 from __future__ import annotations

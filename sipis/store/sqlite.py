@@ -8,11 +8,15 @@ Strategy:
 - ``journal_mode=WAL`` and ``synchronous=FULL``: a write is on disk before the call returns.
   The database, ``-wal`` and ``-shm`` files are mode 0600.
 - The SIP password and the push token are stored as ``(key id, AES-GCM blob)`` with the AAD
-  ``"<id>:password"`` / ``"<id>:push_token"`` (see ``crypto.py``); the rest is plain text.
+  ``"<id>:password"`` / ``"<id>:push_token"`` (see ``crypto.py``); so are the device digest
+  HA1s, as one JSON object ``{"<algorithm>": "<hex>"}`` under the AAD ``"<id>:device_ha1"``
+  (NULL key and blob when there are none: rows from schema 1 and records made without them).
+  The device realm they are bound to is plain text, like the rest.
 - Schema versions live in ``PRAGMA user_version``; ``MIGRATIONS[n-1]`` takes a database from
   version n-1 to n inside one transaction. A database newer than the code is refused.
 
-Wiping (``delete``, and ``replace`` when the password, push token or contact token changes):
+Wiping (``delete``, and ``replace`` when the password, push token, device HA1s or contact token
+change):
 ``secure_delete=ON`` zeroes a freed cell or page, but it is NOT enough on its own: b-tree
 balancing (of table and index pages) copies cells to other pages, and SQLite's ``rebuildPage``
 does not zero the space the old copies occupied. A seeded workload of 150 rows
@@ -33,6 +37,7 @@ memory) are out of reach of any SQLite setting.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sqlite3
@@ -87,15 +92,25 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE TABLE store_flags (name TEXT PRIMARY KEY NOT NULL, value INTEGER NOT NULL)",
         "INSERT INTO store_flags (name, value) VALUES ('scrub_pending', 0)",
     ),
+    # 2: the device digest HA1s (encrypted JSON) and the realm they were computed for. Rows
+    # from version 1 get realm '' and no HA1: they cannot register a device (see models.py).
+    (
+        "ALTER TABLE instances ADD COLUMN device_realm TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE instances ADD COLUMN device_ha1_key TEXT",
+        "ALTER TABLE instances ADD COLUMN device_ha1_blob BLOB",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _PLAIN_COLUMNS = (
     "id", "secret_verifier", "app", "aor", "username", "registrar", "outbound_proxy", "expires",
     "push_provider", "push_environment", "contact_token", "instance_urn", "lifetime",
-    "created_at", "last_heard_at", "expires_at",
+    "created_at", "last_heard_at", "expires_at", "device_realm",
 )
-_SECRET_COLUMNS = ("password_key", "password_blob", "push_token_key", "push_token_blob")
+_SECRET_COLUMNS = (
+    "password_key", "password_blob", "push_token_key", "push_token_blob", "device_ha1_key",
+    "device_ha1_blob",
+)
 _REG_COLUMNS = (
     "reg_state", "reg_last_error", "reg_next_attempt_at", "reg_granted_expires",
     "reg_last_registered_at",
@@ -117,6 +132,10 @@ _SET_REG = (
     + " WHERE id = :id"
 )
 _SET_SCRUB_PENDING = "UPDATE store_flags SET value = ? WHERE name = 'scrub_pending'"
+_HA1_FIELD = "device_ha1"
+
+_Sealed = tuple[str, bytes] | tuple[None, None]
+"""``(key id, blob)`` of an encrypted value, or ``(None, None)`` for a NULL (no HA1s)."""
 
 _PRIVATE_MODE = 0o600
 
@@ -215,25 +234,25 @@ class SqliteStore:
     async def insert(self, rec: InstanceRecord) -> None:
         """Store a new instance, durable on return. Raises Conflict (id or contact token)."""
         def op(conn: sqlite3.Connection) -> None:
-            params = self._params(rec, self._encrypt(rec, "password", rec.password),
-                                  self._encrypt(rec, "push_token", rec.push_token))
             with _transaction(conn):
-                conn.execute(_INSERT, params)
+                conn.execute(_INSERT, self._params_encrypted(rec))
 
         await self._run(op)
 
     async def replace(self, rec: InstanceRecord) -> None:
         """Overwrite the stored record ``rec.id`` as a whole, durable on return.
 
-        An unchanged password or push token keeps its ciphertext (no new copy); a changed one,
-        or a changed contact token, is followed by a scrub so the old value is gone from the
-        files when this returns. Raises NotFound; Conflict if the contact token is taken.
+        An unchanged password, push token or HA1 set keeps its ciphertext (no new copy); a
+        changed one, or a changed contact token, is followed by a scrub so the old value is gone
+        from the files when this returns. Raises NotFound; Conflict if the contact token is
+        taken.
         """
         def op(conn: sqlite3.Connection) -> bool:
             with _transaction(conn):
                 old = conn.execute(
                     "SELECT password_key, password_blob, push_token_key, push_token_blob,"
-                    " contact_token FROM instances WHERE id = ?", (rec.id,)
+                    " device_ha1_key, device_ha1_blob, contact_token FROM instances"
+                    " WHERE id = ?", (rec.id,)
                 ).fetchone()
                 if old is None:
                     raise NotFound("no such instance")
@@ -242,8 +261,12 @@ class SqliteStore:
                 push_token, pt_changed = self._keep_or_encrypt(
                     rec, "push_token", rec.push_token, old["push_token_key"],
                     old["push_token_blob"])
-                conn.execute(_UPDATE, self._params(rec, password, push_token))
-                needs_scrub = pw_changed or pt_changed or old["contact_token"] != rec.contact_token
+                ha1, ha1_changed = self._keep_or_encrypt(
+                    rec, _HA1_FIELD, _ha1_plaintext(rec), old["device_ha1_key"],
+                    old["device_ha1_blob"])
+                conn.execute(_UPDATE, self._params(rec, password, push_token, ha1))
+                needs_scrub = (pw_changed or pt_changed or ha1_changed
+                               or old["contact_token"] != rec.contact_token)
                 if needs_scrub:
                     conn.execute(_SET_SCRUB_PENDING, (1,))
             return needs_scrub
@@ -289,13 +312,11 @@ class SqliteStore:
             active = self._keyring.active_key_id
             with _transaction(conn):
                 rows = conn.execute(
-                    f"{_SELECT} WHERE password_key != ? OR push_token_key != ?", (active, active)
+                    f"{_SELECT} WHERE password_key != :k OR push_token_key != :k"
+                    " OR device_ha1_key != :k", {"k": active}  # NULL (no HA1s) is no match
                 ).fetchall()
                 for row in rows:
-                    rec = self._to_record(row)
-                    params = self._params(rec, self._encrypt(rec, "password", rec.password),
-                                          self._encrypt(rec, "push_token", rec.push_token))
-                    conn.execute(_UPDATE, params)
+                    conn.execute(_UPDATE, self._params_encrypted(self._to_record(row)))
                 if rows:
                     conn.execute(_SET_SCRUB_PENDING, (1,))
             return len(rows)
@@ -383,15 +404,30 @@ class SqliteStore:
     def _encrypt(self, rec: InstanceRecord, field: str, value: str) -> tuple[str, bytes]:
         return self._keyring.encrypt(value, aad=_aad(rec.id, field))
 
+    def _encrypt_opt(self, rec: InstanceRecord, field: str, value: str | None) -> _Sealed:
+        return (None, None) if value is None else self._encrypt(rec, field, value)
+
+    def _params_encrypted(self, rec: InstanceRecord) -> dict[str, Any]:
+        """Every column of ``rec`` with its secrets freshly encrypted under the active key."""
+        return self._params(rec, self._encrypt(rec, "password", rec.password),
+                            self._encrypt(rec, "push_token", rec.push_token),
+                            self._encrypt_opt(rec, _HA1_FIELD, _ha1_plaintext(rec)))
+
     def _keep_or_encrypt(
-        self, rec: InstanceRecord, field: str, value: str, old_key: str, old_blob: bytes
-    ) -> tuple[tuple[str, bytes], bool]:
+        self, rec: InstanceRecord, field: str, value: str | None, old_key: str | None,
+        old_blob: bytes | None,
+    ) -> tuple[_Sealed, bool]:
         """The stored ciphertext if it is under the active key and holds ``value``; else a new
-        one. The flag says whether the plaintext changed (then the old one must be scrubbed)."""
+        one. The flag says whether the plaintext changed (then the old one must be scrubbed).
+        ``None`` stands for a NULL column on either side (only the HA1s may be NULL)."""
+        if old_key is None or old_blob is None:
+            return self._encrypt_opt(rec, field, value), False  # nothing old to scrub
         try:
-            old_value = self._keyring.decrypt(old_key, old_blob, aad=_aad(rec.id, field))
+            old_value = self._keyring.decrypt(old_key, bytes(old_blob), aad=_aad(rec.id, field))
         except CryptoError:
-            return self._encrypt(rec, field, value), True
+            return self._encrypt_opt(rec, field, value), True
+        if value is None:
+            return (None, None), True
         if old_value != value:
             return self._encrypt(rec, field, value), True
         if old_key != self._keyring.active_key_id:
@@ -426,6 +462,8 @@ class SqliteStore:
                 granted_expires=_opt_int(row["reg_granted_expires"]),
                 last_registered_at=_opt_float(row["reg_last_registered_at"]),
             ),
+            device_realm=row["device_realm"],
+            device_ha1=self._decrypt_ha1(row, instance_id),
         )
 
     def _decrypt(self, row: sqlite3.Row, instance_id: str, field: str) -> str:
@@ -435,15 +473,38 @@ class SqliteStore:
         except CryptoError as exc:
             raise CryptoError(f"instance {instance_id[:8]}…, {field}: {exc}") from exc
 
+    def _decrypt_ha1(self, row: sqlite3.Row, instance_id: str) -> dict[str, str]:
+        if row["device_ha1_key"] is None or row["device_ha1_blob"] is None:
+            return {}
+        text = self._decrypt(row, instance_id, _HA1_FIELD)
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = None
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):  # authenticated, so only a bug of ours could write this; never show the content
+            raise CryptoError(
+                f"instance {instance_id[:8]}…, {_HA1_FIELD}: not a JSON object of strings")
+        return value
+
     @staticmethod
     def _params(
-        rec: InstanceRecord, password: tuple[str, bytes], push_token: tuple[str, bytes]
+        rec: InstanceRecord, password: _Sealed, push_token: _Sealed, device_ha1: _Sealed
     ) -> dict[str, Any]:
         params: dict[str, Any] = {name: getattr(rec, name) for name in _PLAIN_COLUMNS}
         params["password_key"], params["password_blob"] = password
         params["push_token_key"], params["push_token_blob"] = push_token
+        params["device_ha1_key"], params["device_ha1_blob"] = device_ha1
         params.update(_reg_params(rec.registration))
         return params
+
+
+def _ha1_plaintext(rec: InstanceRecord) -> str | None:
+    """The HA1s as canonical JSON (sorted, compact: equal maps give equal text); None if none."""
+    if not rec.device_ha1:
+        return None
+    return json.dumps(dict(rec.device_ha1), sort_keys=True, separators=(",", ":"))
 
 
 def _reg_params(status: RegistrationStatus) -> dict[str, Any]:

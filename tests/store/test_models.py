@@ -37,6 +37,38 @@ def test_repr_of_a_record_hides_password_and_push_token() -> None:
     assert "alice" in text  # the rest is there
 
 
+HA1_MD5 = "0123456789abcdef0123456789abcdef"
+
+
+def test_repr_of_a_record_hides_the_device_ha1s() -> None:
+    """The device HA1s are password equivalents: never in repr (the public realm may be)."""
+    rec = make_record(device_realm="sipis.example.org", device_ha1={"MD5": HA1_MD5})
+    text = repr(rec)
+    assert HA1_MD5 not in text
+    assert HA1_MD5[:12] not in text
+    assert "sipis.example.org" in text
+
+
+def test_record_without_device_ha1s_has_empty_realm_and_mapping() -> None:
+    """Records built the old way get realm "" and no HA1s (no device can register)."""
+    rec = make_record()
+    assert rec.device_realm == ""
+    assert rec.device_ha1 == {}
+
+
+def test_device_ha1_mapping_is_a_read_only_copy() -> None:
+    """Neither the caller's dict nor the record's mapping can change the stored HA1s."""
+    given = {"MD5": HA1_MD5}
+    rec = make_record(device_ha1=given)
+    given["MD5"] = "changed"
+    assert rec.device_ha1 == {"MD5": HA1_MD5}
+    with pytest.raises(TypeError):
+        rec.device_ha1["MD5"] = "x"  # type: ignore[index]
+    assert rec == make_record(device_ha1={"MD5": HA1_MD5})
+    assert rec != make_record(device_ha1={"MD5": "f" * 32})
+    assert hash(rec) == hash(make_record(device_ha1={"MD5": HA1_MD5}))  # still hashable
+
+
 def test_new_record_starts_registering() -> None:
     """Without a status, a record is 'registering' with nothing else known."""
     assert make_record().registration == RegistrationStatus(

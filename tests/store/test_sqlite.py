@@ -1,7 +1,8 @@
 """The store contract (SQLite and in-memory), and SQLite's at-rest guarantees.
 
 The wipe tests read the raw bytes of the database, ``-wal`` and ``-shm`` files and look for
-every byte string a wiped instance left behind: ciphertexts, plaintexts, tokens and id.
+every byte string a wiped instance left behind: ciphertexts, plaintexts (device HA1s among
+them), tokens and id.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ from sipis.store.sqlite import SCHEMA_VERSION, SqliteStore
 
 T0 = 1_700_000_000.0
 N_CHURN = 150
-# With SQLite 3.40 this seed's workload leaves 9 wiped values (password blobs among them) in
-# the file when the scrub is only secure_delete + wal_checkpoint(TRUNCATE), without VACUUM.
-CHURN_SEED = 7
+# With SQLite 3.40 this seed's workload leaves 17 wiped values (password and device HA1 blobs
+# among them) in the file when the scrub is only secure_delete + wal_checkpoint(TRUNCATE),
+# without VACUUM.
+CHURN_SEED = 37
 
 
 def make_record(n: int, *, rng: random.Random | None = None, **changes: Any) -> InstanceRecord:
@@ -60,6 +62,8 @@ def make_record(n: int, *, rng: random.Random | None = None, **changes: Any) -> 
         created_at=T0 + n,
         last_heard_at=T0 + n,
         expires_at=T0 + n + 3 * 86400,
+        device_realm="sipis.example.org",
+        device_ha1={"MD5": token_hex(16), "SHA-256": token_hex(32)},
     )
     return attrs.evolve(rec, **changes)
 
@@ -80,22 +84,28 @@ def raw_bytes(db: Path) -> bytes:
     return out
 
 
-def stored_blobs(db: Path, instance_id: str) -> tuple[bytes, bytes]:
-    """The password and push token ciphertexts as stored (read by a second connection)."""
+Blobs = tuple[bytes, bytes, bytes]
+
+
+def stored_blobs(db: Path, instance_id: str) -> Blobs:
+    """The password, push token and device HA1 ciphertexts as stored (read by a second
+    connection); the HA1 one is ``b""`` when the column is NULL."""
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
         row = conn.execute(
-            "SELECT password_blob, push_token_blob FROM instances WHERE id = ?", (instance_id,)
+            "SELECT password_blob, push_token_blob, device_ha1_blob FROM instances WHERE id = ?",
+            (instance_id,),
         ).fetchone()
     finally:
         conn.close()
     assert row is not None
-    return bytes(row[0]), bytes(row[1])
+    return bytes(row[0]), bytes(row[1]), bytes(row[2] or b"")
 
 
-def traces(rec: InstanceRecord, blobs: tuple[bytes, bytes]) -> dict[str, bytes]:
+def traces(rec: InstanceRecord, blobs: Blobs) -> dict[str, bytes]:
     """Byte strings that must not survive a wipe of ``rec``: whole values and fragments."""
-    pw_blob, pt_blob = blobs
+    pw_blob, pt_blob, ha1_blob = blobs
+    assert ha1_blob, "make_record gives every instance HA1s"
     return {
         "password": rec.password.encode(),
         "push_token": rec.push_token.encode(),
@@ -104,6 +114,10 @@ def traces(rec: InstanceRecord, blobs: tuple[bytes, bytes]) -> dict[str, bytes]:
         "password_blob tag": pw_blob[-16:],
         "push_token_blob": pt_blob,
         "push_token_blob[40:56]": pt_blob[40:56],
+        "device_ha1_blob": ha1_blob,
+        "device_ha1_blob[30:46]": ha1_blob[30:46],
+        "device_ha1_blob tag": ha1_blob[-16:],
+        **{f"device_ha1 {alg}": ha1.encode() for alg, ha1 in rec.device_ha1.items()},
         "contact_token": rec.contact_token.encode(),
         "id": rec.id.encode(),
     }
@@ -153,7 +167,7 @@ async def test_every_field_round_trips(store: Store) -> None:
                        registration=FULL_STATUS, password="pässwörd ☎ \"'\\",
                        secret_verifier=bytes(range(256)))
     bare = make_record(2, registrar=None, outbound_proxy=None, push_environment=None,
-                       push_provider="fcm")
+                       push_provider="fcm", device_realm="", device_ha1={})
     await store.insert(full)
     await store.insert(bare)
     assert await store.get(full.id) == full
@@ -165,6 +179,8 @@ async def test_every_field_round_trips(store: Store) -> None:
     assert type(got.created_at) is float
     assert type(got.expires) is int
     assert type(got.registration.granted_expires) is int
+    assert dict(got.device_ha1) == dict(full.device_ha1)
+    assert (await store.get(bare.id)).device_ha1 == {}
 
 
 async def test_duplicate_id_or_contact_token_is_a_conflict(store: Store) -> None:
@@ -325,6 +341,49 @@ async def test_database_from_a_newer_sipis_is_refused(db_path: Path, keyring: Ke
         conn.close()
 
 
+async def test_version_1_database_is_migrated_in_place(db_path: Path, keyring: KeyRing) -> None:
+    """A database written by the schema-1 code opens as the latest version, its rows intact,
+    with no device realm and no HA1s (such instances cannot register a device); new rows get
+    their HA1s stored."""
+    old = make_record(1, device_realm="", device_ha1={})
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    for statement in sqlite_mod.MIGRATIONS[0]:
+        conn.execute(statement)
+    conn.execute("PRAGMA user_version = 1")
+    row: dict[str, Any] = {
+        name: getattr(old, name) for name in (
+            "id", "secret_verifier", "app", "aor", "username", "registrar", "outbound_proxy",
+            "expires", "push_provider", "push_environment", "contact_token", "instance_urn",
+            "lifetime", "created_at", "last_heard_at", "expires_at")
+    }
+    row["password_key"], row["password_blob"] = keyring.encrypt(
+        old.password, aad=f"{old.id}:password".encode())
+    row["push_token_key"], row["push_token_blob"] = keyring.encrypt(
+        old.push_token, aad=f"{old.id}:push_token".encode())
+    row["reg_state"] = "registering"
+    conn.execute(f"INSERT INTO instances ({', '.join(row)}) "
+                 f"VALUES ({', '.join(':' + c for c in row)})", row)
+    conn.close()
+
+    store = SqliteStore(db_path, keyring)
+    await store.open()
+    try:
+        got = await store.get(old.id)
+        assert got == old
+        assert got.device_realm == ""
+        assert got.device_ha1 == {}
+        new = make_record(2)
+        await store.insert(new)
+        assert await store.list_all() == [old, new]
+    finally:
+        await store.close()
+    conn = sqlite3.connect(db_path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    finally:
+        conn.close()
+
+
 async def test_reopen_does_not_migrate_again(db_path: Path, keyring: KeyRing) -> None:
     """Opening a current database keeps its version and data."""
     for _ in range(2):
@@ -394,26 +453,36 @@ async def test_writes_are_committed_before_the_call_returns(
 # -- SQLite: encryption at rest ------------------------------------------------------------------
 
 
-async def test_password_and_push_token_are_encrypted_at_rest(
+def plaintexts(rec: InstanceRecord) -> list[bytes]:
+    """Every secret of ``rec`` as it would look stored in clear (HA1s as hex and as bytes)."""
+    out = [rec.password.encode(), rec.push_token.encode()]
+    for ha1 in rec.device_ha1.values():
+        out += [ha1.encode(), ha1.upper().encode(), bytes.fromhex(ha1)]
+    return out
+
+
+async def test_password_push_token_and_device_ha1s_are_encrypted_at_rest(
     db_path: Path, keyring: KeyRing
 ) -> None:
-    """The plaintext password and push token appear in no database file, open or closed."""
+    """The plaintext password, push token and device HA1s appear in no database file, open or
+    closed; the device realm is stored in clear (it is public)."""
     store = SqliteStore(db_path, keyring)
     await store.open()
     recs = [make_record(n) for n in range(5)]
     for rec in recs:
         await store.insert(rec)
     for rec in recs:
-        assert rec.password.encode() not in raw_bytes(db_path)
-        assert rec.push_token.encode() not in raw_bytes(db_path)
-        pw_blob, _ = stored_blobs(db_path, rec.id)
-        assert pw_blob in raw_bytes(db_path)  # what is there is the ciphertext
+        data = raw_bytes(db_path)
+        assert not [p for p in plaintexts(rec) if p in data]
+        pw_blob, _, ha1_blob = stored_blobs(db_path, rec.id)
+        assert pw_blob in data  # what is there is the ciphertext
+        assert ha1_blob in data
     await store.close()
     data = raw_bytes(db_path)
     for rec in recs:
-        assert rec.password.encode() not in data
-        assert rec.push_token.encode() not in data
+        assert not [p for p in plaintexts(rec) if p in data]
     assert recs[0].contact_token.encode() in data  # the search does find plain values
+    assert b"sipis.example.org" in data
 
 
 async def test_a_ciphertext_moved_to_another_row_does_not_decrypt(
@@ -441,6 +510,31 @@ async def test_a_ciphertext_moved_to_another_row_does_not_decrypt(
         await store.close()
 
 
+async def test_a_device_ha1_blob_moved_to_another_row_does_not_decrypt(
+    db_path: Path, keyring: KeyRing
+) -> None:
+    """The HA1 ciphertext is bound to its instance too (AAD "<id>:device_ha1")."""
+    store = SqliteStore(db_path, keyring)
+    await store.open()
+    a, b = make_record(1), make_record(2)
+    await store.insert(a)
+    await store.insert(b)
+    await store.close()
+    conn = sqlite3.connect(db_path)
+    blob_a = conn.execute("SELECT device_ha1_blob FROM instances WHERE id = ?", (a.id,)).fetchone()
+    conn.execute("UPDATE instances SET device_ha1_blob = ? WHERE id = ?", (blob_a[0], b.id))
+    conn.commit()
+    conn.close()
+    await store.open()
+    try:
+        assert await store.get(a.id) == a
+        with pytest.raises(CryptoError, match="device_ha1") as info:
+            await store.get(b.id)
+        assert not [ha1 for ha1 in a.device_ha1.values() if ha1 in str(info.value)]
+    finally:
+        await store.close()
+
+
 async def test_records_under_an_old_key_decrypt_after_a_key_is_added(tmp_path: Path) -> None:
     """Key rotation: after key B is appended, key-A records still read; new ones use B."""
     key_file = tmp_path / "keys"
@@ -460,9 +554,10 @@ async def test_records_under_an_old_key_decrypt_after_a_key_is_added(tmp_path: P
         new = make_record(2)
         await store.insert(new)
         conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-        keys = dict(conn.execute("SELECT id, password_key FROM instances").fetchall())
+        keys = {row[0]: row[1:] for row in conn.execute(
+            "SELECT id, password_key, push_token_key, device_ha1_key FROM instances")}
         conn.close()
-        assert keys == {old.id: ring_a.active_key_id, new.id: new_key}
+        assert keys == {old.id: (ring_a.active_key_id,) * 3, new.id: (new_key,) * 3}
     finally:
         await store.close()
 
@@ -475,21 +570,23 @@ async def test_rekey_moves_every_value_to_the_active_key(tmp_path: Path) -> None
     store = SqliteStore(db, ring_a)
     await store.open()
     recs = [make_record(n) for n in range(4)]
+    recs.append(make_record(4, device_realm="", device_ha1={}))  # NULL HA1: nothing to move
     for rec in recs:
         await store.insert(rec)
-    old_blobs = [stored_blobs(db, rec.id) for rec in recs]
+    old_blobs = [stored_blobs(db, rec.id) for rec in recs[:4]]
     await store.close()
 
     KeyRing.add_key_to_file(key_file)
     ring_ab = KeyRing.load(key_file)
     store = SqliteStore(db, ring_ab)
     await store.open()
-    assert await store.rekey() == 4
+    assert await store.rekey() == 5
     assert await store.rekey() == 0
     data = raw_bytes(db)
-    for pw_blob, pt_blob in old_blobs:
+    for pw_blob, pt_blob, ha1_blob in old_blobs:
         assert pw_blob not in data
         assert pt_blob not in data
+        assert ha1_blob not in data
     await store.close()
 
     ring_b_only = KeyRing([(ring_ab.active_key_id, _key_of(key_file, ring_ab.active_key_id))])
@@ -560,9 +657,56 @@ async def test_replace_with_a_new_password_leaves_no_trace_of_the_old_one(
     new = attrs.evolve(rec, password="brand-new-password-42", push_token=secrets.token_hex(32))
     await sqlite_store.replace(new)
     data = raw_bytes(db_path)
-    assert found(data, {k: v for k, v in old.items() if k not in ("id", "contact_token")}) == []
+    kept = ("id", "contact_token", "device_ha1")  # unchanged: still stored
+    assert found(data, {k: v for k, v in old.items() if not k.startswith(kept)}) == []
     assert await sqlite_store.get(rec.id) == new
     assert stored_blobs(db_path, rec.id)[0] in data
+
+
+async def test_replace_with_new_device_ha1s_leaves_no_trace_of_the_old_ones(
+    sqlite_store: SqliteStore, db_path: Path
+) -> None:
+    """New HA1s (a new realm): the old HA1s and their ciphertext are gone when replace returns;
+    the password and push token ciphertexts are kept as they were."""
+    recs = [make_record(n) for n in range(6)]
+    for rec in recs:
+        await sqlite_store.insert(rec)
+    rec = recs[3]
+    before = stored_blobs(db_path, rec.id)
+    old = {k: v for k, v in traces(rec, before).items() if k.startswith("device_ha1")}
+    new = attrs.evolve(rec, device_realm="new.example.org",
+                       device_ha1={"MD5": secrets.token_hex(16), "SHA-256": secrets.token_hex(32)})
+    await sqlite_store.replace(new)
+    assert found(raw_bytes(db_path), old) == []
+    assert await sqlite_store.get(rec.id) == new
+    after = stored_blobs(db_path, rec.id)
+    assert after[:2] == before[:2]
+    assert after[2] != before[2]
+
+
+async def test_replace_dropping_the_device_ha1s_stores_null_and_wipes_them(
+    sqlite_store: SqliteStore, db_path: Path
+) -> None:
+    """A record replaced with no HA1s keeps no HA1 ciphertext at all; adding them back works."""
+    recs = [make_record(n) for n in range(3)]
+    for rec in recs:
+        await sqlite_store.insert(rec)
+    rec = recs[1]
+    old = {k: v for k, v in traces(rec, stored_blobs(db_path, rec.id)).items()
+           if k.startswith("device_ha1")}
+    bare = attrs.evolve(rec, device_realm="", device_ha1={})
+    await sqlite_store.replace(bare)
+    assert found(raw_bytes(db_path), old) == []
+    assert await sqlite_store.get(rec.id) == bare
+    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        row = conn.execute("SELECT device_ha1_key, device_ha1_blob, device_realm FROM instances"
+                           " WHERE id = ?", (rec.id,)).fetchone()
+    finally:
+        conn.close()
+    assert row == (None, None, "")
+    await sqlite_store.replace(rec)
+    assert await sqlite_store.get(rec.id) == rec
 
 
 async def test_wipe_holds_under_churn(sqlite_store: SqliteStore, db_path: Path) -> None:

@@ -1,0 +1,194 @@
+"""The instance service stores device digest HA1s at creation and serves them to the registrar.
+
+Lives beside the store tests because it checks what the service persists: the HA1s written by
+``InstanceService.create`` must verify a digest that the app computes from its secret
+(``DigestClient`` against ``verify_authorization_ha1``), survive a restart (``load_all``), and
+disappear — from the store and from the in-memory cache — when the instance is wiped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import cast
+
+import attrs
+import pytest
+
+from sipis.calls.device import DIGEST_ALGORITHMS, device_ha1s, verify_authorization_ha1
+from sipis.instances import InstancePolicy, InstanceService, NewInstance, WipeReason
+from sipis.registrar.binding import Outcome
+from sipis.registrar.keeper import RegistrationKeeper
+from sipis.sip.digest import DigestClient, make_challenge, parse_challenge
+from sipis.store.crypto import KeyRing
+from sipis.store.memory import MemoryStore
+from sipis.store.models import InstanceRecord, RegistrationStatus
+from sipis.store.sqlite import SqliteStore
+
+T0 = 1_790_000_000.0
+REALM = "sipis.example.org"
+NONCE = "bm9uY2UtZm9yLXRlc3Rz"
+REQUEST_URI = "sip:sipis.example.org;transport=tcp"
+
+
+class FakeKeeper:
+    """Accepts every first REGISTER at once; remembers which instances it keeps."""
+
+    def __init__(self) -> None:
+        self.kept: set[str] = set()
+
+    async def register_first(self, record: InstanceRecord) -> Outcome:
+        self.kept.add(record.id)
+        return Outcome(registered=True, status=200, reason="OK")
+
+    def status(self, instance_id: str) -> RegistrationStatus | None:
+        return None
+
+    def adopt(self, record: InstanceRecord, *, delay: float = 0.0) -> None:
+        self.kept.add(record.id)
+
+    async def remove(self, instance_id: str, *, wait: bool = True) -> None:
+        self.kept.discard(instance_id)
+
+    def update_record(self, record: InstanceRecord) -> None:
+        pass
+
+
+def new_instance() -> NewInstance:
+    return NewInstance(
+        app="com.example.phone", aor="sip:alice@sip.example.net", username="alice",
+        password="sip-password-1", registrar=None, outbound_proxy=None, expires=600,
+        push_provider="apns", push_token="ab" * 32, push_environment="production",
+        lifetime=None,
+    )
+
+
+def make_service(store: MemoryStore | SqliteStore, *, now: float = T0) -> InstanceService:
+    return InstanceService(
+        store=store, keeper=cast(RegistrationKeeper, FakeKeeper()),
+        policy=InstancePolicy(realm=REALM), clock=lambda: now,
+    )
+
+
+def authorization(username: str, secret: str, algorithm: str, realm: str = REALM) -> str:
+    """What the woken app sends after a 401 offering ``algorithm``."""
+    challenge = parse_challenge(make_challenge(realm, NONCE, algorithm=algorithm))
+    return DigestClient(username, secret).authorize(challenge, method="REGISTER",
+                                                    uri=REQUEST_URI)
+
+
+def verify(header: str, lookup: Callable[[str, str], str | None]) -> str | None:
+    return verify_authorization_ha1(header, method="REGISTER", ha1_lookup=lookup, realm=REALM)
+
+
+@pytest.fixture
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    store = SqliteStore(tmp_path / "sipis.db", KeyRing.ephemeral())
+    await store.open()
+    yield store
+    await store.close()
+
+
+async def test_create_stores_ha1s_that_verify_a_digest_of_the_secret(
+    sqlite_store: SqliteStore,
+) -> None:
+    """For each offered algorithm, the stored HA1 accepts the app's digest made from
+    (username = instance id, password = secret), and refuses one made from a wrong secret."""
+    service = make_service(sqlite_store)
+    created = await service.create(new_instance())
+    stored = await sqlite_store.get(created.record.id)
+    assert stored.device_realm == REALM
+    assert set(stored.device_ha1) == set(DIGEST_ALGORITHMS)
+    assert dict(stored.device_ha1) == device_ha1s(created.secret, stored.id, REALM)
+    fetched = {alg: await service.ha1_lookup(stored.id, alg) for alg in DIGEST_ALGORITHMS}
+    for algorithm in DIGEST_ALGORITHMS:
+        good = authorization(stored.id, created.secret, algorithm)
+        assert verify(good, lambda user, alg: fetched[alg] if user == stored.id else None) \
+            == stored.id
+        assert verify(good, service.device_ha1_cached) == stored.id
+        bad = authorization(stored.id, created.secret + "x", algorithm)
+        assert verify(bad, service.device_ha1_cached) is None
+
+
+async def test_ha1s_differ_per_instance() -> None:
+    """Two instances never share an HA1 (each has its own id and secret)."""
+    service = make_service(MemoryStore())
+    a = await service.create(new_instance())
+    b = await service.create(new_instance())
+    assert set(a.record.device_ha1.values()).isdisjoint(b.record.device_ha1.values())
+    assert verify(authorization(a.record.id, b.secret, "SHA-256"),
+                  service.device_ha1_cached) is None
+
+
+async def test_lookups_answer_none_for_unknown_instances_and_algorithms() -> None:
+    """An unknown id or an algorithm with no stored HA1 gives None, not an error."""
+    service = make_service(MemoryStore())
+    created = await service.create(new_instance())
+    assert await service.ha1_lookup("no-such-instance", "MD5") is None
+    assert service.device_ha1_cached("no-such-instance", "MD5") is None
+    assert await service.ha1_lookup(created.record.id, "SHA-512-256") is None
+    assert service.device_ha1_cached(created.record.id, "SHA-512-256") is None
+
+
+async def test_ha1s_of_another_realm_are_not_served() -> None:
+    """After the realm (sip.public_host) changes, the old HA1s verify nothing."""
+    service = make_service(MemoryStore())
+    created = await service.create(new_instance())
+    assert await service.ha1_lookup(created.record.id, "MD5") is not None
+    service.policy = attrs.evolve(service.policy, realm="other.example.org")
+    assert await service.ha1_lookup(created.record.id, "MD5") is None
+    assert service.device_ha1_cached(created.record.id, "MD5") is None
+
+
+async def test_wipe_drops_the_ha1s_from_cache_and_store(sqlite_store: SqliteStore) -> None:
+    """Once wiped, neither lookup knows the instance, and the other instances still work."""
+    service = make_service(sqlite_store)
+    gone = await service.create(new_instance())
+    kept = await service.create(new_instance())
+    assert await service.wipe(gone.record.id, WipeReason.DELETED)
+    for algorithm in DIGEST_ALGORITHMS:
+        assert service.device_ha1_cached(gone.record.id, algorithm) is None
+        assert await service.ha1_lookup(gone.record.id, algorithm) is None
+        assert service.device_ha1_cached(kept.record.id, algorithm) is not None
+
+
+async def test_load_all_fills_the_cache_for_live_instances_only(tmp_path: Path) -> None:
+    """After a restart, load_all makes the live instances' HA1s available again; an expired
+    instance (wiped at load) and one stored without HA1s (schema 1) get none."""
+    keyring = KeyRing.ephemeral()
+    store = SqliteStore(tmp_path / "sipis.db", keyring)
+    await store.open()
+    first = make_service(store)
+    live = await first.create(new_instance())
+    short = await first.create(attrs.evolve(new_instance(), lifetime=60))
+    old_style = attrs.evolve(live.record, id="old-style", contact_token="ct-old",
+                             device_realm="", device_ha1={})
+    await store.insert(old_style)
+    await store.close()
+
+    store = SqliteStore(tmp_path / "sipis.db", keyring)
+    await store.open()
+    try:
+        second = make_service(store, now=T0 + 120)
+        assert second.device_ha1_cached(live.record.id, "SHA-256") is None  # not loaded yet
+        await second.load_all()
+        header = authorization(live.record.id, live.secret, "SHA-256")
+        assert verify(header, second.device_ha1_cached) == live.record.id
+        assert second.device_ha1_cached(short.record.id, "SHA-256") is None
+        assert await second.ha1_lookup(short.record.id, "SHA-256") is None
+        assert second.device_ha1_cached("old-style", "MD5") is None
+        assert await second.ha1_lookup("old-style", "MD5") is None
+    finally:
+        await store.close()
+
+
+async def test_create_logs_neither_secret_nor_ha1s(caplog: pytest.LogCaptureFixture) -> None:
+    """The HA1s are password equivalents: no log line and no repr shows them."""
+    caplog.set_level(logging.DEBUG)
+    service = make_service(MemoryStore())
+    created = await service.create(new_instance())
+    text = caplog.text + repr(created) + repr(created.record)
+    assert created.secret not in text
+    for ha1 in created.record.device_ha1.values():
+        assert ha1 not in text
