@@ -14,10 +14,11 @@ Why the store keeps digest HA1 values for the device (and not only the secret ve
     realm: :func:`device_ha1s`. An HA1 is a password equivalent for this realm only — whoever
     holds it can REGISTER as that device to sipis — but it does not reveal the secret (256
     random bits, so no dictionary attack on H), hence it does not open the HTTPS API, which
-    keeps checking the verifier. The store should encrypt HA1s at rest like the SIP password
-    (AEAD, AAD ``b"<id>:ha1-<alg>"``) and wipe them with the instance. Changing the device
-    realm invalidates every stored HA1: the realm is fixed configuration, and a new realm
-    needs new instances (or HA1s recomputed when the app next presents its secret to the API).
+    keeps checking the verifier. The store encrypts them at rest like the SIP password (one
+    AEAD-encrypted JSON map per instance, AAD ``"<id>:device_ha1"``) and wipes them with the
+    instance. Changing the device realm invalidates every stored HA1: the realm is fixed
+    configuration, and a new realm needs new instances (or HA1s recomputed when the app next
+    presents its secret to the API).
 
 Digest as served here (RFC 7616/8760 on RFC 3261 §22)
     - 401 challenges offer SHA-256 first, then MD5 (RFC 8760 §2.4: most preferred first),
