@@ -58,8 +58,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from sipis.daemon import run_daemon
 
         setup_logging(config.log.level, config.log.format)
-        with contextlib.suppress(KeyboardInterrupt):
-            trio.run(run_daemon, config, args.config)
+        try:
+            with contextlib.suppress(KeyboardInterrupt):
+                trio.run(run_daemon, config, args.config)
+        except ConfigError as exc:  # found while building components (a bad key file, …)
+            print(format_config_error(exc), file=sys.stderr)
+            return EX_CONFIG
         return 0
     return trio.run(_instances, config, args)
 

@@ -26,9 +26,14 @@ from sipis.api.schemas import ExpiresPolicy
 from sipis.api.server import ApiServer
 from sipis.api.tls import ensure_self_signed
 from sipis.calls.handler import IncomingHandler
-from sipis.config import Config, ConfigError, load_config
+from sipis.config import ApnsConfig, Config, ConfigError, FcmConfig, load_config
 from sipis.instances import DomainLifetime, InstancePolicy, InstanceService
 from sipis.logs import quiet_header_loggers, setup_logging
+from sipis.push.apns import ApnsClient, ApnsSettings
+from sipis.push.base import PushClient, PushConfigError
+from sipis.push.dispatcher import PushDispatcher
+from sipis.push.fcm import FcmClient, FcmSettings
+from sipis.push.logsink import LogPushClient
 from sipis.registrar.binding import BindingPolicy
 from sipis.registrar.keeper import KeeperConfig, RegistrationKeeper
 from sipis.sip.dns import SipResolver
@@ -110,6 +115,56 @@ def instance_policy(config: Config, endpoint: SipEndpoint | None = None) -> Inst
     )
 
 
+def push_clients(config: Config) -> dict[str, PushClient]:
+    """The push client per provider: the log sink, or APNs/FCM for ``push.provider: live``.
+
+    A live config may serve one platform only; pushes for the other fail with
+    PushConfigError (the dispatcher finds no client), which the call layer reports.
+    """
+    push = config.push
+    if push.provider == "log":
+        sink = LogPushClient()
+        return {"apns": sink, "fcm": sink}
+    clients: dict[str, PushClient] = {}
+    if push.apns is not None:
+        try:
+            clients["apns"] = _apns_client(push.apns)
+        except PushConfigError as exc:
+            raise ConfigError(exc.reason, "push.apns") from None
+    if push.fcm is not None:
+        try:
+            clients["fcm"] = _fcm_client(push.fcm)
+        except PushConfigError as exc:
+            raise ConfigError(exc.reason, "push.fcm") from None
+    return clients
+
+
+def _apns_client(apns: ApnsConfig) -> ApnsClient:
+    assert apns.key_file is not None  # the config check requires it
+    return ApnsClient(ApnsSettings(
+        team_id=apns.team_id,
+        key_id=apns.key_id,
+        key_file=apns.key_file,
+        production_url=apns.production_url,
+        sandbox_url=apns.sandbox_url,
+        ca_file=apns.ca_file,
+        request_timeout=apns.request_timeout,
+    ))
+
+
+def _fcm_client(fcm: FcmConfig) -> FcmClient:
+    assert fcm.service_account_file is not None  # the config check requires it
+    return FcmClient(FcmSettings(
+        service_account_file=fcm.service_account_file,
+        project_id=fcm.project_id,
+        url=fcm.url,
+        token_uri=fcm.token_uri,
+        ca_file=fcm.ca_file,
+        call_ttl=fcm.call_ttl,
+        request_timeout=fcm.request_timeout,
+    ))
+
+
 def load_keyring(config: Config) -> KeyRing:
     path = Path(config.store.key_file)
     if not path.exists() and config.store.create_key_file:
@@ -130,6 +185,7 @@ class Daemon:
     keeper: RegistrationKeeper | None = None
     service: InstanceService | None = None
     api: ApiServer | None = None
+    push: PushDispatcher | None = None
     api_port: int | None = None
     ready: bool = False
     _stop: trio.Event = attrs.Factory(trio.Event)
@@ -146,9 +202,15 @@ class Daemon:
         store_path.parent.mkdir(parents=True, exist_ok=True)
         self.store = store = SqliteStore(store_path, keyring)
         await store.open()
+        clients = push_clients(config)
+        self.push = PushDispatcher(clients, backoff_base=config.push.retry_backoff_base,
+                                   backoff_cap=config.push.retry_backoff_cap)
         try:
             async with trio.open_nursery() as outer:
                 await outer.start(self._watch_signals)
+                for client in clients.values():
+                    if isinstance(client, ApnsClient):
+                        await outer.start(client.run)  # holds its connections
                 async with trio.open_nursery() as inner:
                     await self._start_services(inner)
                     self.ready = True
@@ -162,6 +224,8 @@ class Daemon:
                 outer.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
+                with trio.move_on_after(5):
+                    await self.push.aclose()
                 await store.close()
             log.info("stopped")
 
