@@ -1,29 +1,60 @@
 """The trio SIP driver: client and server transactions over a ``Transport``, requests to a handler.
 
 Strategy: the transaction machines (``sipis.sip.transaction``) decide; this module carries out
-their actions on trio's clock. A client request runs inline in the caller's task: the task
-sends, sleeps until the next timer or a matching response, feeds the machine, and returns the
-final response or raises. Server transactions live in a table; their timers sit in one heap
-served by one task. Everything the transport reports arrives on one channel and is dispatched
-synchronously; anything that waits (a handler, a send) runs in a task of this endpoint's own
-nursery.
+their actions on trio's clock. A non-INVITE client request runs inline in the caller's task:
+the task sends, sleeps until the next timer or a matching response, feeds the machine, and
+returns the final response or raises. A client INVITE outlives its caller's interest (Timer D
+ACKs retransmitted finals, Timer M relays 2xx retransmissions), so it runs in a task of this
+endpoint's nursery and talks to its caller through a ``ClientInviteHandle``. Server
+transactions live in a table; their timers sit in one heap served by one task. Everything the
+transport reports arrives on one channel and is dispatched synchronously; anything that waits
+(a handler, a send) runs in a task of this endpoint's own nursery.
 
-Rules:
+Rules — sending:
 
 - ``request`` adds our top Via (``branch`` fresh per attempt, ``rport``, RFC 3581) and tries
   the targets in order (RFC 3263 §4.3): Timer F or a transport error moves on to the next
-  one. Targets outside ``upstream_allow`` are never contacted (our SSRF guard); if none is
-  left, ``TransportError("destination not allowed")`` is raised before anything is sent.
+  one. ``invite`` does the same for one destination, without failover.
+- Where we may send (our SSRF guard): a ``Target`` (from DNS or a URI, that is from an app or
+  a provider) only inside ``upstream_allow``; outside it is never contacted, and if nothing is
+  left ``TransportError("destination not allowed")`` is raised before anything is sent. A
+  transport ``Destination`` is an address we *heard from* (a device binding's source, a
+  server transaction's source): callers never build one from a URI. Sent to as given; with a
+  ``flow``, over that flow only (``flow_only``): a device that connected to us is reached
+  over its connection or not at all (RFC 5626 §5.3).
+- ``replace_top_via=True``: the request was built by ``sipis.sip.proxy.forward_request`` and
+  carries a Via of ours on top; it is replaced by the endpoint's (fresh branch, the
+  destination's transport), so that the handle or result names the branch really used.
 - Responses match a client transaction by top Via branch and CSeq method (RFC 3261
-  §17.1.3). Provisionals are absorbed; the first final is returned. A response matching no
-  transaction is dropped (this also absorbs final retransmissions, Timer K's only job).
+  §17.1.3). A response matching no transaction is dropped (this also absorbs non-INVITE
+  final retransmissions, Timer K's only job).
+- Client INVITE (``invite``): the ACK for a 300–699 is sent by the transaction (built by
+  ``proxy.make_ack_for_non2xx``); every response it delivers — each 2xx retransmission in
+  ACCEPTED too — reaches ``ClientInviteHandle.responses()``; Timer B, a transport error or a
+  closed flow before any final ends that iteration with ``TransactionTimeout`` /
+  ``TransportError``. ``cancel()`` sends a CANCEL (``proxy.make_cancel``, its own non-INVITE
+  client transaction, same destination and flow) once a provisional is in (§9.1), never after
+  a final. A transaction still without a final 64·T1 after its CANCEL (or
+  ``INVITE_PENDING_LIFETIME`` after it started) is given up as ``TransactionTimeout``.
+
+Rules — receiving:
+
 - An incoming request gets ``received``/``rport`` on its top Via (RFC 3261 §18.2.1, RFC
   3581), then a server transaction keyed by (branch, sent-by, method) (§17.2.3).
   Retransmissions are absorbed by it (or answered with the last response). The handler runs
   once per transaction; its exception becomes a 500, and a ``None`` means no response.
-- INVITE is minimal for now: 100 Trying at once, the handler once per branch, its final
-  resent on INVITE retransmissions, an ACK for it absorbed. Any other ACK goes to the handler
-  and is never answered.
+- INVITE: a ``ServerInviteTransaction``, ``100 Trying`` at once, then the handler once per
+  transaction: ``handle_invite(request, source, ServerInviteHandle)`` when the handler has it
+  (``InviteHandler``), else ``handle_request``, whose response is sent through the
+  transaction. Retransmitted INVITEs get the last provisional or the non-2xx final again.
+  The ACK for a non-2xx final is absorbed by the transaction; an ACK that matches no
+  transaction (the ACK for a 2xx has its own branch) goes to ``handle_request`` and is never
+  answered.
+- CANCEL (§9.2): matched to a live INVITE server transaction by branch, sent-by and Call-ID;
+  answered ``200`` at once by its own non-INVITE server transaction (same To tag as our
+  INVITE responses), then, if no final was sent yet, the INVITE handle learns of it
+  (``cancelled``, ``cancel_reason``) and its handler sends the 487. A legacy handler (no
+  ``handle_invite``) gets the 487 sent for it. A CANCEL matching nothing: ``481``.
 - Responses go back per RFC 3261 §18.2.2 and RFC 3581: over the flow the request came on
   (TCP/TLS, or a new connection to the source address and Via port if it is gone), or to the
   source address and ``rport`` (UDP). Never to a Via host name: we answer whoever sent it.
@@ -43,7 +74,7 @@ import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import attrs
 import trio
@@ -53,17 +84,22 @@ from sipis.sip.errors import SipError, TransactionTimeout, TransportError, excer
 from sipis.sip.headers import Via
 from sipis.sip.message import (
     MAX_MESSAGE_SIZE,
+    Headers,
     SipRequest,
     SipResponse,
     make_response,
     new_branch,
     new_tag,
 )
+from sipis.sip.proxy import make_ack_for_non2xx, make_cancel
 from sipis.sip.transaction import (
     Action,
+    ClientInviteTransaction,
     Deliver,
+    InviteTxState,
     NonInviteClientTransaction,
     Send,
+    ServerInviteTransaction,
     ServerNonInviteTransaction,
     StartTimer,
     StopTimer,
@@ -86,12 +122,16 @@ from sipis.sip.transport import (
 )
 
 __all__ = [
+    "ClientInviteHandle",
     "ClientResult",
+    "Destination",
     "EndpointConfig",
     "EndpointStatistics",
     "FlowKey",
+    "InviteHandler",
     "ListenSpec",
     "RequestHandler",
+    "ServerInviteHandle",
     "SipEndpoint",
     "Source",
     "Target",
@@ -113,21 +153,35 @@ EVENT_QUEUE = 1000
 #: Closed-flow notices kept per subscriber that has not read them yet.
 FLOW_EVENT_BUFFER = 256
 
-#: Handlers running at once; further requests get 503 at once (overload guard).
+#: Non-INVITE handlers running at once; further requests get 503 at once (overload guard).
 MAX_CONCURRENT_HANDLERS = 1000
 
-#: An INVITE server transaction still waiting for its handler is forgotten after this (s).
+#: INVITE handlers (calls in progress) at once; further INVITEs get 503. Counted apart from
+#: the short handlers above, so that ringing calls never starve REGISTER or OPTIONS.
+MAX_CONCURRENT_INVITES = 1000
+
+#: An INVITE transaction without a final response is given up after this (s): a server one
+#: whose legacy handler answered nothing, a client one whose peer never sends a final.
 INVITE_PENDING_LIFETIME = 3600.0
+
+#: RFC 3261 §9.1: after its CANCEL, a client INVITE waits 64·T1 for the final, then gives up.
+CANCEL_WAIT_MULTIPLIER = 64
 
 #: Responses queued for one client transaction (retransmissions beyond are dropped).
 _CLIENT_INBOX = 16
+
+#: Responses a ``ClientInviteHandle`` keeps for a caller that does not read them.
+_INVITE_QUEUE = 64
+
+#: Name of the server-side pseudo-timer that forgets a transaction with no timer of its own.
+_CLEANUP = "cleanup"
 
 
 @attrs.frozen
 class EndpointConfig:
     """What the endpoint needs from the ``sip`` section of the configuration.
 
-    ``upstream_allow``: networks that ``request`` may send to; empty allows nothing.
+    ``upstream_allow``: networks that a ``Target`` may be in; empty allows none.
     ``keepalive_interval``/``tcp_idle_timeout``: see ``sipis.sip.transport``; 0 turns off.
     """
 
@@ -148,7 +202,7 @@ class ClientResult:
     """The final response to ``SipEndpoint.request``, the target that gave it, and its flow."""
 
     response: SipResponse
-    target: Target
+    target: Target | Destination
     flow: FlowKey | None
 
 
@@ -157,6 +211,21 @@ class RequestHandler(Protocol):
 
     async def handle_request(self, request: SipRequest, source: Source) -> SipResponse | None:
         """Return the response to send, or None to send nothing (ACK, or answered later)."""
+
+
+@runtime_checkable
+class InviteHandler(RequestHandler, Protocol):
+    """A ``RequestHandler`` that keeps INVITEs: it answers them through a handle, over time."""
+
+    async def handle_invite(
+        self, request: SipRequest, source: Source, tx: ServerInviteHandle
+    ) -> None:
+        """Answer the INVITE through ``tx`` (100 Trying is already sent).
+
+        Runs in the endpoint's nursery for as long as the handler likes (the call's life is a
+        good choice): ``tx`` stays usable after the return, e.g. for 2xx retransmissions. If
+        it returns or raises before a final response went out, the endpoint answers 500.
+        """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,22 +258,32 @@ class _TransportFailure:
     flow: FlowKey | None
 
 
+@attrs.frozen
+class _Wake:
+    """Nudges a client INVITE task: its caller asked for a CANCEL."""
+
+
+_WAKE = _Wake()
+
+_ClientInput = SipResponse | _TransportFailure | _Wake
+
+
 @attrs.define(eq=False)
 class _ClientTx:
-    target: Target
-    inbox: trio.MemorySendChannel[SipResponse | _TransportFailure]
+    dest: Destination
+    inbox: trio.MemorySendChannel[_ClientInput]
     flow: FlowKey | None = None
 
 
 @attrs.define(eq=False)
 class _ServerTx:
     key: tuple[str, str, str]
-    method: str
+    request: SipRequest
     source: Source
     dest: Destination
-    tx: ServerNonInviteTransaction | None  # None for INVITE (minimal handling, see rules)
-    expires_at: float
-    last_final: bytes | None = None
+    tx: ServerNonInviteTransaction | ServerInviteTransaction
+    timers: dict[str, float] = attrs.field(factory=dict)
+    handle: ServerInviteHandle | None = None
 
 
 def _allowed(host: str, networks: Sequence[IPNetwork]) -> bool:
@@ -219,9 +298,9 @@ def _allowed(host: str, networks: Sequence[IPNetwork]) -> bool:
 
 def _normal_ip(host: str) -> str:
     try:
-        return str(ipaddress.ip_address(host))
+        return str(ipaddress.ip_address(host.strip("[]")))
     except ValueError:
-        return host
+        return host.lower()
 
 
 def _reply_destination(via: Via, source: Source) -> Destination:
@@ -243,12 +322,32 @@ def _server_key(request: SipRequest | SipResponse, method: str) -> tuple[str, st
     return (branch, via.sent_by.lower(), method)
 
 
+def _without_top_via(headers: Headers) -> Headers:
+    """A copy of ``headers`` without the first Via element (a line may hold several)."""
+    out: list[tuple[str, str]] = []
+    done = False
+    for name, value in headers:
+        if not done and name == "Via":
+            done = True
+            rest = Headers([("Via", value)]).get_list("Via")[1:]
+            if rest:
+                out.append((name, ", ".join(rest)))
+            continue
+        out.append((name, value))
+    return Headers(out)
+
+
+def _flow_of(exc: TransportError) -> FlowKey | None:
+    return exc.flow if isinstance(exc.flow, FlowKey) else None
+
+
 class SipEndpoint:
     """The SIP endpoint of sipis (see the module rules).
 
     Args:
         config: listeners, public host, timers and limits.
-        handler: gets every new incoming request.
+        handler: gets every new incoming request; an ``InviteHandler`` gets INVITEs through
+            ``handle_invite``.
         transport: the transport to use; by default the network one built from ``config``
             (tests pass a ``MemoryTransport``).
     """
@@ -270,11 +369,12 @@ class SipEndpoint:
         self._nursery: trio.Nursery | None = None
         self._client: dict[tuple[str, str], _ClientTx] = {}
         self._server: dict[tuple[str, str, str], _ServerTx] = {}
-        self._timers: list[tuple[float, int, tuple[str, str, str]]] = []
+        self._timers: list[tuple[float, int, _ServerTx, str]] = []
         self._timer_seq = 0
         self._timer_wakeup = trio.Event()
         self._subscribers: list[trio.MemorySendChannel[FlowKey]] = []
         self._handlers_running = 0
+        self._invites_running = 0
         self._requests_received = 0
         self._responses_unmatched = 0
         self._handler_errors = 0
@@ -355,46 +455,24 @@ class SipEndpoint:
             handler_errors=self._handler_errors,
         )
 
-    # -- client side --
+    # -- where we may send --
 
-    async def request(self, request: SipRequest, targets: Sequence[Target]) -> ClientResult:
-        """Send a non-INVITE request and wait for its final response, failing over.
+    def _destination(self, where: Target | Destination, method: str) -> Destination | None:
+        """The transport destination for ``where``, or None if the SSRF guard refuses it."""
+        if isinstance(where, Destination):
+            if where.flow is not None and not where.flow_only:
+                return attrs.evolve(where, flow_only=True)
+            return where
+        if not _allowed(where.host, self.config.upstream_allow):
+            log.warning("%s to %s refused: destination not allowed", method, excerpt(where.host))
+            return None
+        return Destination(where.transport, where.host, where.port,
+                           server_name=where.server_name)
 
-        Args:
-            request: the request without our Via (we add it; the object is not changed).
-            targets: RFC 3263 targets in failover order.
-
-        Returns:
-            The first final response, the target that sent it and the flow used.
-
-        Raises:
-            TransportError: no allowed target ("destination not allowed"), or the last
-                allowed target failed at the transport level.
-            TransactionTimeout: the last allowed target did not answer before Timer F.
-            ValueError: an INVITE or ACK (not supported here yet).
-        """
-        if request.method in ("INVITE", "ACK"):
-            raise ValueError(f"{request.method} needs its own transaction kind (RFC 3261 §17.1.1)")
-        allowed = []
-        for target in targets:
-            if _allowed(target.host, self.config.upstream_allow):
-                allowed.append(target)
-            else:
-                log.warning("%s to %s refused: destination not allowed", request.method,
-                            excerpt(target.host))
-        if not allowed:
-            raise TransportError("destination not allowed")
+    def _check_running(self) -> trio.Nursery:
         if self._nursery is None:
             raise TransportError("the SIP endpoint is not running")
-        error: SipError = TransportError("no target")
-        for target in allowed:
-            try:
-                return await self._attempt(request, target)
-            except (TransactionTimeout, TransportError) as exc:
-                log.info("%s to %s %s:%d failed: %s", request.method, target.transport,
-                         target.host, target.port, exc)
-                error = exc
-        raise error
+        return self._nursery
 
     def _via(self, transport: str, branch: str) -> Via:
         try:
@@ -407,24 +485,88 @@ class SipEndpoint:
             host = self.config.public_host
         return Via(transport.upper(), host, port, (("branch", branch), ("rport", None)))
 
-    async def _attempt(self, request: SipRequest, target: Target) -> ClientResult:
-        """One client transaction to one target (RFC 3261 §17.1.2)."""
-        if target.transport not in TRANSPORTS:
-            raise TransportError(f"unsupported transport {excerpt(target.transport)}")
-        branch = new_branch()
-        outgoing = SipRequest(request.method, request.uri, request.headers.copy(), request.body)
-        outgoing.headers.prepend("Via", str(self._via(target.transport, branch)))
-        if "Max-Forwards" not in outgoing.headers:
-            outgoing.headers.add("Max-Forwards", DEFAULT_MAX_FORWARDS)
+    def _check_own_top_via(self, request: SipRequest) -> None:
+        """``replace_top_via`` must only ever drop a Via of ours, never the sender's."""
+        if "Via" not in request.headers:
+            raise ValueError("replace_top_via: the request has no Via")
+        if _normal_ip(request.top_via.host) != _normal_ip(self.config.public_host):
+            raise ValueError("replace_top_via: the top Via is not ours")
+
+    def _outgoing(
+        self, request: SipRequest, transport: str, branch: str, replace_top_via: bool
+    ) -> SipRequest:
+        """A copy of ``request`` with our Via on top and a Max-Forwards."""
+        headers = _without_top_via(request.headers) if replace_top_via else request.headers.copy()
+        headers.prepend("Via", str(self._via(transport, branch)))
+        if "Max-Forwards" not in headers:
+            headers.add("Max-Forwards", DEFAULT_MAX_FORWARDS)
+        return SipRequest(request.method, request.uri, headers, request.body)
+
+    # -- client side: non-INVITE --
+
+    async def request(
+        self, request: SipRequest, targets: Sequence[Target | Destination], *,
+        replace_top_via: bool = False,
+    ) -> ClientResult:
+        """Send a non-INVITE request and wait for its final response, failing over.
+
+        Args:
+            request: the request without our Via (we add it; the object is not changed).
+            targets: RFC 3263 targets in failover order, or destinations we heard from (a
+                device binding's source and flow, for in-dialog requests toward the device;
+                see the module rules).
+            replace_top_via: the request's top Via is ours (``proxy.forward_request``):
+                replace it instead of adding one.
+
+        Returns:
+            The first final response, the target that sent it and the flow used.
+
+        Raises:
+            TransportError: no allowed target ("destination not allowed"), the endpoint is
+                not running, or the last allowed target failed at the transport level (a
+                destination's flow has closed, too).
+            TransactionTimeout: the last allowed target did not answer before Timer F.
+            ValueError: an INVITE or ACK (see ``invite``, ``send_request_stateless``), or
+                ``replace_top_via`` on a request whose top Via is not ours.
+        """
+        if request.method in ("INVITE", "ACK"):
+            raise ValueError(f"{request.method} needs its own transaction kind (RFC 3261 §17.1.1)")
+        if replace_top_via:
+            self._check_own_top_via(request)
+        allowed: list[tuple[Target | Destination, Destination]] = []
+        for target in targets:
+            dest = self._destination(target, request.method)
+            if dest is not None:
+                allowed.append((target, dest))
+        if not allowed:
+            raise TransportError("destination not allowed")
+        self._check_running()
+        error: SipError = TransportError("no target")
+        for target, dest in allowed:
+            try:
+                if dest.transport not in TRANSPORTS:
+                    raise TransportError(f"unsupported transport {excerpt(dest.transport)}")
+                branch = new_branch()
+                outgoing = self._outgoing(request, dest.transport, branch, replace_top_via)
+                response, flow = await self._run_non_invite(outgoing, branch, dest)
+                return ClientResult(response, target, flow)
+            except (TransactionTimeout, TransportError) as exc:
+                log.info("%s to %s %s:%d failed: %s", request.method, dest.transport,
+                         dest.host, dest.port, exc)
+                error = exc
+        raise error
+
+    async def _run_non_invite(
+        self, outgoing: SipRequest, branch: str, dest: Destination
+    ) -> tuple[SipResponse, FlowKey | None]:
+        """One non-INVITE client transaction to one destination (RFC 3261 §17.1.2)."""
         tx = NonInviteClientTransaction(
-            branch=branch, data=outgoing.to_bytes(), reliable=target.transport != "udp",
+            branch=branch, data=outgoing.to_bytes(), reliable=dest.transport != "udp",
             timers=self.config.timers)
-        send, inbox = trio.open_memory_channel[SipResponse | _TransportFailure](_CLIENT_INBOX)
-        record = _ClientTx(target, send)
-        key = (branch, request.method)
+        send, inbox = trio.open_memory_channel[_ClientInput](_CLIENT_INBOX)
+        record = _ClientTx(dest, send, dest.flow)
+        key = (branch, outgoing.method)
         self._client[key] = record
-        dest = Destination(target.transport, target.host, target.port,
-                           server_name=target.server_name)
         timers: dict[str, float] = {}
         failure = "transport error"
         try:
@@ -434,16 +576,10 @@ class SipEndpoint:
                 while actions:
                     action = actions.popleft()
                     if isinstance(action, Send):
-                        try:
-                            flow = await self._transport.send(action.data, dest)
-                        except TransportError as exc:
-                            failure = str(exc)
-                            record.flow = record.flow or _flow_of(exc)
+                        error = await self._client_send(record, action.data)
+                        if error is not None:
+                            failure = error
                             actions.extend(tx.transport_error(trio.current_time()))
-                        else:
-                            if flow is not None:
-                                record.flow = flow
-                                dest = attrs.evolve(dest, flow=flow)
                     elif isinstance(action, StartTimer):
                         timers[action.name] = action.deadline
                     elif isinstance(action, StopTimer):
@@ -455,45 +591,209 @@ class SipEndpoint:
                     elif isinstance(action, Terminated):
                         if action.outcome is TxOutcome.TIMEOUT:
                             raise TransactionTimeout(
-                                f"no final response from {target.transport} "
-                                f"{target.host}:{target.port} (Timer F)")
+                                f"no final response from {dest.transport} "
+                                f"{dest.host}:{dest.port} (Timer F)")
                         if action.outcome is TxOutcome.TRANSPORT_ERROR:
                             raise TransportError(failure, flow=record.flow)
                 if final is not None:
                     # Timer K (UDP) would only absorb retransmissions of this final; an
                     # unmatched response is dropped anyway, so the caller need not wait.
-                    return ClientResult(final, target, record.flow)
-                more, reason = await self._next_client_input(tx, inbox, timers)
-                actions.extend(more)
-                failure = reason or failure
+                    return final, record.flow
+                item = await self._next_client_input(inbox, min(timers.values(), default=math.inf))
+                now = trio.current_time()
+                if isinstance(item, SipResponse):
+                    actions.extend(tx.receive_response(item.status, item, now))
+                elif isinstance(item, _TransportFailure):
+                    failure = item.reason
+                    actions.extend(tx.transport_error(now))
+                elif item is None:
+                    actions.extend(_fire_due(timers, now, tx.timer_fired))
         finally:
             self._client.pop(key, None)
             send.close()
 
-    async def _next_client_input(
-        self,
-        tx: NonInviteClientTransaction,
-        inbox: trio.MemoryReceiveChannel[SipResponse | _TransportFailure],
-        timers: dict[str, float],
-    ) -> tuple[list[Action], str | None]:
-        """Wait for a response, a transport failure or the earliest timer; feed it to ``tx``.
+    async def _client_send(self, record: _ClientTx, data: bytes) -> str | None:
+        """Send on a client transaction's way; the failure text, or None once sent."""
+        try:
+            flow = await self._transport.send(data, record.dest)
+        except TransportError as exc:
+            record.flow = record.flow or _flow_of(exc)
+            return str(exc)
+        if flow is not None:
+            record.flow = flow
+            if record.dest.flow != flow:
+                record.dest = attrs.evolve(record.dest, flow=flow)
+        return None
 
-        Returns the machine's actions, and the failure text for a transport failure.
-        """
-        deadline = min(timers.values(), default=math.inf)
+    @staticmethod
+    async def _next_client_input(
+        inbox: trio.MemoryReceiveChannel[_ClientInput], deadline: float
+    ) -> _ClientInput | None:
+        """The next response, failure or wake-up; None once ``deadline`` has passed."""
         with trio.move_on_at(deadline):
-            item = await inbox.receive()
-            now = trio.current_time()
-            if isinstance(item, _TransportFailure):
-                return tx.transport_error(now), item.reason
-            return tx.receive_response(item.status, item, now), None
-        now = trio.current_time()
-        actions: list[Action] = []
-        for name, when in sorted(timers.items(), key=lambda item: item[1]):
-            if when <= now:
-                del timers[name]
-                actions.extend(tx.timer_fired(name, now))
-        return actions, None
+            return await inbox.receive()
+        return None
+
+    # -- client side: INVITE --
+
+    async def invite(
+        self, request: SipRequest, destination: Target | Destination, *,
+        replace_top_via: bool = False,
+    ) -> ClientInviteHandle:
+        """Start an INVITE client transaction (RFC 3261 §17.1.1, RFC 6026) to ``destination``.
+
+        The transaction runs in the endpoint's nursery; the handle gives its responses and
+        lets the caller cancel it. No failover: a proxy forwarding to a device binding has
+        exactly one place to go.
+
+        Args:
+            request: the INVITE without our Via (we add it; the object is not changed).
+            destination: a ``Target`` (checked against ``upstream_allow``) or a destination
+                we heard from, e.g. a device binding's source with its ``flow``.
+            replace_top_via: the request's top Via is ours (``proxy.forward_request``):
+                replace it instead of adding one.
+
+        Returns:
+            The handle; ``handle.request`` is the INVITE as sent, ``handle.branch`` its branch.
+
+        Raises:
+            TransportError: the destination is not allowed, or the endpoint is not running.
+                Failures after this (the flow has closed, connection refused, Timer B) come
+                out of ``handle.responses()``.
+            ValueError: not an INVITE, or ``replace_top_via`` on a Via that is not ours.
+        """
+        await trio.lowlevel.checkpoint()
+        if request.method != "INVITE":
+            raise ValueError(f"invite() sends an INVITE, not a {request.method}")
+        if replace_top_via:
+            self._check_own_top_via(request)
+        dest = self._destination(destination, "INVITE")
+        if dest is None:
+            raise TransportError("destination not allowed")
+        if dest.transport not in TRANSPORTS:
+            raise TransportError(f"unsupported transport {excerpt(dest.transport)}")
+        nursery = self._check_running()
+        branch = new_branch()
+        outgoing = self._outgoing(request, dest.transport, branch, replace_top_via)
+
+        def make_ack(response: object) -> bytes:
+            assert isinstance(response, SipResponse)
+            return make_ack_for_non2xx(outgoing, response).to_bytes()
+
+        tx = ClientInviteTransaction(
+            branch=branch, data=outgoing.to_bytes(), reliable=dest.transport != "udp",
+            timers=self.config.timers, make_ack=make_ack)
+        send, inbox = trio.open_memory_channel[_ClientInput](_CLIENT_INBOX)
+        record = _ClientTx(dest, send, dest.flow)
+        handle = ClientInviteHandle(outgoing, branch, dest, tx, record)
+        self._client[(branch, "INVITE")] = record
+        nursery.start_soon(self._run_invite, handle, tx, record, inbox)
+        return handle
+
+    async def _run_invite(
+        self, handle: ClientInviteHandle, tx: ClientInviteTransaction, record: _ClientTx,
+        inbox: trio.MemoryReceiveChannel[_ClientInput],
+    ) -> None:
+        """Drive one INVITE client transaction until it terminates (or is given up)."""
+        dest = record.dest
+        timers: dict[str, float] = {}
+        give_up = trio.current_time() + INVITE_PENDING_LIFETIME
+        failure = "transport error"
+        error: SipError | None = None
+        try:
+            actions: collections.deque[Action] = collections.deque(tx.start(trio.current_time()))
+            while True:
+                while actions:
+                    action = actions.popleft()
+                    if isinstance(action, Send):
+                        send_error = await self._client_send(record, action.data)
+                        handle.flow = record.flow
+                        if send_error is not None:
+                            failure = send_error
+                            actions.extend(tx.transport_error(trio.current_time()))
+                    elif isinstance(action, StartTimer):
+                        timers[action.name] = action.deadline
+                    elif isinstance(action, StopTimer):
+                        timers.pop(action.name, None)
+                    elif isinstance(action, Deliver):
+                        assert isinstance(action.response, SipResponse)
+                        handle._deliver(action.response)
+                    elif isinstance(action, Terminated):
+                        if action.outcome is TxOutcome.TIMEOUT:
+                            error = TransactionTimeout(
+                                f"no response to INVITE from {dest.transport} "
+                                f"{dest.host}:{dest.port} (Timer B)")
+                        elif action.outcome is TxOutcome.TRANSPORT_ERROR:
+                            error = TransportError(failure, flow=record.flow)
+                        return
+                if handle.cancel_requested and not handle.cancel_sent and tx.cancel_allowed:
+                    handle.cancel_sent = True
+                    cancel_wait = CANCEL_WAIT_MULTIPLIER * self.config.timers.t1
+                    give_up = min(give_up, trio.current_time() + cancel_wait)
+                    self._check_running().start_soon(self._run_cancel, handle, record.dest)
+                # Only a transaction still waiting for its final is given up on.
+                waiting = tx.state in (InviteTxState.CALLING, InviteTxState.PROCEEDING)
+                deadline = min(min(timers.values(), default=math.inf),
+                               give_up if waiting else math.inf)
+                item = await self._next_client_input(inbox, deadline)
+                now = trio.current_time()
+                if isinstance(item, SipResponse):
+                    actions.extend(tx.receive_response(item.status, item, now))
+                elif isinstance(item, _TransportFailure):
+                    failure = item.reason
+                    actions.extend(tx.transport_error(now))
+                elif item is None:
+                    actions.extend(_fire_due(timers, now, tx.timer_fired))
+                    if not actions and waiting and now >= give_up:
+                        error = TransactionTimeout(
+                            f"no final response to INVITE from {dest.transport} "
+                            f"{dest.host}:{dest.port}"
+                            + (" after its CANCEL" if handle.cancel_sent else ""))
+                        return
+        finally:
+            self._client.pop((handle.branch, "INVITE"), None)
+            record.inbox.close()
+            if error is None and tx.state is not InviteTxState.TERMINATED:
+                error = TransportError("the SIP endpoint stopped")
+            handle._finish(error)
+
+    async def _run_cancel(self, handle: ClientInviteHandle, dest: Destination) -> None:
+        """Send the CANCEL of a client INVITE as its own transaction (RFC 3261 §9.1)."""
+        cancel = make_cancel(handle.request, reason=handle.cancel_reason)
+        try:
+            response, _ = await self._run_non_invite(cancel, handle.branch, dest)
+        except (TransactionTimeout, TransportError) as exc:
+            log.info("CANCEL to %s %s:%d failed: %s", dest.transport, dest.host, dest.port, exc)
+            handle.cancel_result = exc
+            return
+        handle.cancel_result = response
+
+    # -- client side: stateless --
+
+    async def send_request_stateless(
+        self, request: SipRequest, destination: Target | Destination, *, add_via: bool = False,
+    ) -> FlowKey | None:
+        """Send a request with no transaction: an ACK for a 2xx, or a relayed end-to-end ACK.
+
+        Args:
+            request: sent as it is (a proxied ACK carries our Via from
+                ``proxy.forward_request`` already), unless ``add_via``.
+            destination: as for ``request``; the same guard applies.
+            add_via: add our Via (fresh branch) and a Max-Forwards, as a UAC's own ACK needs.
+
+        Returns:
+            The flow used (None for UDP).
+
+        Raises:
+            TransportError: not allowed, not running, or the send failed.
+        """
+        dest = self._destination(destination, request.method)
+        if dest is None:
+            raise TransportError("destination not allowed")
+        self._check_running()
+        if add_via:
+            request = self._outgoing(request, dest.transport, new_branch(), False)
+        return await self._transport.send(request.to_bytes(), dest)
 
     # -- dispatch --
 
@@ -514,10 +814,10 @@ class SipEndpoint:
         elif isinstance(event, FlowClosed):
             self._flow_closed(event)
         elif isinstance(event, Unreachable):
+            where = (event.transport, _normal_ip(event.host), event.port)
             for record in list(self._client.values()):
-                target = record.target
-                if (target.transport, _normal_ip(target.host), target.port) == (
-                        event.transport, _normal_ip(event.host), event.port):
+                dest = record.dest
+                if (dest.transport, _normal_ip(dest.host), dest.port) == where:
                     self._notify(record, _TransportFailure(
                         f"{event.transport} {event.host}:{event.port} unreachable: "
                         f"{event.reason}", None))
@@ -532,7 +832,7 @@ class SipEndpoint:
         self._notify(record, response)
 
     @staticmethod
-    def _notify(record: _ClientTx, item: SipResponse | _TransportFailure) -> None:
+    def _notify(record: _ClientTx, item: _ClientInput) -> None:
         # Dropped on a flood of retransmissions, or when the transaction just ended.
         with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError,
                                  trio.ClosedResourceError):
@@ -556,43 +856,73 @@ class SipEndpoint:
 
     def _request_received(self, request: SipRequest, source: Source) -> None:
         self._requests_received += 1
-        assert self._nursery is not None
+        nursery = self._check_running()
         via = self._mark_received(request, source)
         method = request.method
         now = trio.current_time()
         if method == "ACK":
-            invite = self._server.get(_server_key(request, "INVITE"))
-            if invite is None:  # an ACK for a 2xx, or stray: the handler decides
-                self._handlers_running += 1
-                self._nursery.start_soon(self._handle, None, request, source)
+            self._ack_received(request, source, now)
             return
         key = _server_key(request, method)
         record = self._server.get(key)
         if record is not None:  # a retransmission
-            if record.tx is not None:
-                self._nursery.start_soon(self._execute, record, record.tx.receive_request(now))
-            elif record.last_final is not None:
-                self._nursery.start_soon(self._send_reply, record, record.last_final)
+            self._spawn_transmit(record, self._apply(record, record.tx.receive_request(now)))
             return
         reliable = source.transport != "udp"
+        dest = _reply_destination(via, source)
         if method == "INVITE":
-            tx = None
-            expires = now + INVITE_PENDING_LIFETIME
-        else:
-            tx = ServerNonInviteTransaction(branch=key[0], reliable=reliable,
-                                            timers=self.config.timers)
-            expires = now + 64 * self.config.timers.t1  # the client gives up by then
-        record = _ServerTx(key, method, source, _reply_destination(via, source), tx, expires)
+            invite_tx = ServerInviteTransaction(branch=key[0], reliable=reliable,
+                                                timers=self.config.timers)
+            record = _ServerTx(key, request, source, dest, invite_tx)
+            self._server[key] = record
+            self._invite_received(record, invite_tx, nursery)
+            return
+        tx = ServerNonInviteTransaction(branch=key[0], reliable=reliable,
+                                        timers=self.config.timers)
+        record = _ServerTx(key, request, source, dest, tx)
         self._server[key] = record
-        self._schedule(record)
+        self._arm(record, _CLEANUP, now + 64 * self.config.timers.t1)  # the client gives up
+        if method == "CANCEL":
+            nursery.start_soon(self._answer_cancel, record)
+            return
         if self._handlers_running >= MAX_CONCURRENT_HANDLERS:
             log.warning("too many requests in progress; answering 503")
-            busy = make_response(request, 503, to_tag=new_tag())
-            busy.headers.add("Retry-After", "5")
-            self._nursery.start_soon(self._respond, record, busy)
+            nursery.start_soon(self._server_send, record, _busy(request))
             return
         self._handlers_running += 1
-        self._nursery.start_soon(self._handle, record, request, source)
+        nursery.start_soon(self._handle, record, request, source)
+
+    def _ack_received(self, request: SipRequest, source: Source, now: float) -> None:
+        """An ACK: the INVITE transaction's own (non-2xx) or the handler's (2xx, stray)."""
+        record = self._server.get(_server_key(request, "INVITE"))
+        if record is not None and isinstance(record.tx, ServerInviteTransaction):
+            state = record.tx.state
+            if state in (InviteTxState.COMPLETED, InviteTxState.CONFIRMED):
+                if record.handle is not None:
+                    record.handle._acked()
+                self._apply(record, record.tx.receive_ack(now))
+                return
+            if state is InviteTxState.PROCEEDING:
+                log.debug("dropped an ACK before any final response")
+                return
+        if self._handlers_running >= MAX_CONCURRENT_HANDLERS:
+            log.warning("too many requests in progress; ACK dropped")
+            return
+        self._handlers_running += 1
+        self._check_running().start_soon(self._handle, None, request, source)
+
+    def _invite_received(
+        self, record: _ServerTx, tx: ServerInviteTransaction, nursery: trio.Nursery
+    ) -> None:
+        managed = isinstance(self._handler, InviteHandler)
+        handle = ServerInviteHandle(self, record, tx, managed=managed)
+        record.handle = handle
+        if self._invites_running >= MAX_CONCURRENT_INVITES:
+            log.warning("too many INVITEs in progress; answering 503")
+            nursery.start_soon(self._server_send, record, _busy(record.request))
+            return
+        self._invites_running += 1
+        nursery.start_soon(self._handle_invite, handle)
 
     @staticmethod
     def _mark_received(request: SipRequest, source: Source) -> Via:
@@ -613,8 +943,6 @@ class SipEndpoint:
     async def _handle(self, record: _ServerTx | None, request: SipRequest, source: Source) -> None:
         """Run the handler for a new request and send what it returns (counted by the caller)."""
         try:
-            if record is not None and record.tx is None:  # INVITE: stop retransmissions
-                await self._send_reply(record, make_response(request, 100).to_bytes())
             try:
                 response = await self._handler.handle_request(request, source)
             except Exception:
@@ -623,9 +951,53 @@ class SipEndpoint:
                 response = make_response(request, 500, to_tag=new_tag())
             if record is None or response is None:
                 return
-            await self._respond(record, response)
+            await self._server_send(record, response)
         finally:
             self._handlers_running -= 1
+
+    async def _handle_invite(self, handle: ServerInviteHandle) -> None:
+        """100 Trying, then the handler; a 500 if it leaves the INVITE without a final."""
+        record = handle._record
+        try:
+            await handle.send_provisional(handle.make_response(100))
+            try:
+                if isinstance(self._handler, InviteHandler):
+                    await self._handler.handle_invite(handle.request, handle.source, handle)
+                    if handle.final_status is None:
+                        log.warning("INVITE handler returned without a final response")
+                        await handle.send_final(handle.make_response(500))
+                    return
+                response = await self._handler.handle_request(handle.request, handle.source)
+            except Exception:
+                self._handler_errors += 1
+                log.exception("handler failed on INVITE")
+                if handle.final_status is None:
+                    await handle.send_final(handle.make_response(500))
+                return
+            if response is not None:
+                await self._server_send(record, response)
+            if handle.final_status is None and handle.state is InviteTxState.PROCEEDING:
+                # Answered later through send_response(), or forgotten after a while.
+                self._arm(record, _CLEANUP, trio.current_time() + INVITE_PENDING_LIFETIME)
+        finally:
+            self._invites_running -= 1
+
+    async def _answer_cancel(self, record: _ServerTx) -> None:
+        """200 (then tell the INVITE's handle) or 481 to a new CANCEL (RFC 3261 §9.2)."""
+        request = record.request
+        invite = self._server.get(_server_key(request, "INVITE"))
+        handle = invite.handle if invite is not None else None
+        if (handle is None or handle.state is InviteTxState.TERMINATED
+                or handle.request.call_id != request.call_id):
+            await self._server_send(record, make_response(request, 481, to_tag=new_tag()))
+            return
+        await self._server_send(record, make_response(request, 200, to_tag=handle.to_tag))
+        if handle.state is not InviteTxState.PROCEEDING:
+            return  # the final is out already: the CANCEL has no effect on the INVITE
+        reasons = request.headers.get_all("Reason")
+        handle._cancel(", ".join(reasons) if reasons else None)
+        if not handle._managed:  # a legacy handler cannot hear of it: answer for it
+            await handle.send_final(handle.make_response(487))
 
     async def send_response(self, response: SipResponse, source: Source) -> None:
         """Send a response to a request received from ``source`` (provisionals, late finals).
@@ -634,41 +1006,82 @@ class SipEndpoint:
         straight to where §18.2.2 says.
 
         Raises:
-            TransportError: it could not be sent.
+            TransportError: it could not be sent statelessly.
         """
         key = _server_key(response, response.cseq.method)
         record = self._server.get(key)
         if record is None:
-            dest = _reply_destination(response.top_via, source)
-            await self._transport.send(response.to_bytes(), dest)
+            await self.send_response_stateless(response, source)
             return
-        await self._respond(record, response)
+        await self._server_send(record, response)
 
-    async def _respond(self, record: _ServerTx, response: SipResponse) -> None:
+    async def send_response_stateless(
+        self, response: SipResponse, to: Source | Destination
+    ) -> FlowKey | None:
+        """Send a response with no transaction (a relayed 2xx retransmission, a late 2xx).
+
+        Args:
+            response: sent as it is.
+            to: the ``Source`` of the request (the response goes where §18.2.2 and RFC 3581
+                say, from its top Via), or a ``Destination`` to use as it is.
+
+        Returns:
+            The flow used (None for UDP).
+
+        Raises:
+            TransportError: it could not be sent.
+        """
+        dest = _reply_destination(response.top_via, to) if isinstance(to, Source) else to
+        return await self._transport.send(response.to_bytes(), dest)
+
+    async def _server_send(self, record: _ServerTx, response: SipResponse) -> bool:
+        """Pass a TU response through its server transaction; True if it went out.
+
+        Shielded: a response the machine has taken is sent even if the caller is cancelled
+        (bounded by the transport's connect and send timeouts), so that the machine and the
+        wire never disagree and a stream never carries half a message.
+        """
         data = response.to_bytes()
-        now = trio.current_time()
-        if record.tx is not None:
-            await self._execute(record, record.tx.send_response(response.status, data, now))
-            return
-        if response.status >= 200:  # INVITE: keep the final for retransmitted INVITEs
-            record.last_final = data
-            record.expires_at = now + 64 * self.config.timers.t1
-            self._schedule(record)
-        await self._send_reply(record, data)
+        datas = self._apply(record, record.tx.send_response(
+            response.status, data, trio.current_time()))
+        if not datas:
+            return False
+        handle = record.handle
+        if handle is not None and response.status >= 200 and handle.final_status is None:
+            handle.final_status = response.status
+        sent = False
+        with trio.CancelScope(shield=True):
+            sent = await self._transmit(record, datas)
+        return sent
 
-    async def _execute(self, record: _ServerTx, actions: list[Action]) -> None:
-        """Carry out a server transaction's actions."""
-        queue = collections.deque(actions)
-        while queue:
-            action = queue.popleft()
+    def _apply(self, record: _ServerTx, actions: list[Action]) -> list[bytes]:
+        """Carry out a server transaction's timer and end actions; return what to send."""
+        out: list[bytes] = []
+        for action in actions:
             if isinstance(action, Send):
-                if not await self._send_reply(record, action.data) and record.tx is not None:
-                    queue.extend(record.tx.transport_error(trio.current_time()))
+                out.append(action.data)
             elif isinstance(action, StartTimer):
-                record.expires_at = action.deadline
-                self._schedule(record)
-            elif isinstance(action, Terminated) and self._server.get(record.key) is record:
-                del self._server[record.key]
+                record.timers.pop(_CLEANUP, None)  # the machine keeps its own time now
+                self._arm(record, action.name, action.deadline)
+            elif isinstance(action, StopTimer):
+                record.timers.pop(action.name, None)
+            elif isinstance(action, Terminated):
+                self._forget(record, action.outcome)
+        return out
+
+    def _spawn_transmit(self, record: _ServerTx, datas: list[bytes]) -> None:
+        if datas:
+            self._check_running().start_soon(self._transmit, record, datas)
+
+    async def _transmit(self, record: _ServerTx, datas: list[bytes]) -> bool:
+        """Send a server transaction's messages in order; on a failure tell the machine."""
+        for data in datas:
+            if not await self._send_reply(record, data):
+                if record.handle is not None:
+                    record.handle.send_failures += 1
+                self._apply(record, record.tx.transport_error(trio.current_time()))
+                return False
+        return True
 
     async def _send_reply(self, record: _ServerTx, data: bytes) -> bool:
         """Send a response on the record's way back; False (logged) if that failed."""
@@ -682,15 +1095,23 @@ class SipEndpoint:
             record.dest = attrs.evolve(record.dest, flow=flow)
         return True
 
+    def _forget(self, record: _ServerTx, outcome: TxOutcome | None) -> None:
+        record.timers.clear()
+        if self._server.get(record.key) is record:
+            del self._server[record.key]
+        if record.handle is not None:
+            record.handle._ended(outcome)
+
     # -- server timers --
 
-    def _schedule(self, record: _ServerTx) -> None:
+    def _arm(self, record: _ServerTx, name: str, deadline: float) -> None:
+        record.timers[name] = deadline
         self._timer_seq += 1
-        heapq.heappush(self._timers, (record.expires_at, self._timer_seq, record.key))
+        heapq.heappush(self._timers, (deadline, self._timer_seq, record, name))
         self._timer_wakeup.set()
 
     async def _timer_loop(self) -> None:
-        """Fire Timer J and the clean-up deadlines of server transactions."""
+        """Fire the server transactions' timers (G, H, I, J, L) and clean-up deadlines."""
         while True:
             deadline = self._timers[0][0] if self._timers else math.inf
             with trio.move_on_at(deadline):
@@ -698,14 +1119,317 @@ class SipEndpoint:
             self._timer_wakeup = trio.Event()
             now = trio.current_time()
             while self._timers and self._timers[0][0] <= now:
-                _, _, key = heapq.heappop(self._timers)
-                record = self._server.get(key)
-                if record is None or record.expires_at > now:
-                    continue  # gone, or rescheduled later
-                if record.tx is not None:
-                    record.tx.timer_fired("J", now)
-                del self._server[key]
+                when, _, record, name = heapq.heappop(self._timers)
+                if record.timers.get(name) != when:
+                    continue  # stopped, rescheduled, or the transaction is gone
+                del record.timers[name]
+                if name == _CLEANUP:
+                    self._forget(record, None)
+                    continue
+                try:
+                    datas = self._apply(record, record.tx.timer_fired(name, now))
+                except Exception:  # a machine bug must not stop every other timer
+                    log.exception("server timer %s failed", name)
+                    continue
+                self._spawn_transmit(record, datas)
 
 
-def _flow_of(exc: TransportError) -> FlowKey | None:
-    return exc.flow if isinstance(exc.flow, FlowKey) else None
+def _busy(request: SipRequest) -> SipResponse:
+    busy = make_response(request, 503, to_tag=new_tag())
+    busy.headers.add("Retry-After", "5")
+    return busy
+
+
+def _fire_due(timers: dict[str, float], now: float, fire: _TimerFire) -> list[Action]:
+    """Fire every timer in ``timers`` due at ``now``, earliest first; remove them."""
+    actions: list[Action] = []
+    for name, when in sorted(timers.items(), key=lambda item: item[1]):
+        if when <= now:
+            del timers[name]
+            actions.extend(fire(name, now))
+    return actions
+
+
+class _TimerFire(Protocol):
+    def __call__(self, name: str, now: float) -> list[Action]: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# handles
+
+
+class ServerInviteHandle:
+    """The handler's side of one INVITE server transaction (RFC 3261 §17.2.1, RFC 6026).
+
+    Given to ``InviteHandler.handle_invite``; ``100 Trying`` is already out. Send responses
+    built with ``make_response`` (our To tag) or relayed ones (the device's To tag, same
+    Vias). Sending never raises for a network failure: the methods return False and
+    ``send_failures`` counts them (RFC 6026 §8.8: the transaction carries on).
+
+    Attributes:
+        request: the INVITE as received (top Via with ``received``/``rport``).
+        source: where it came from.
+        to_tag: the To tag of our own responses (the INVITE's own, for a re-INVITE).
+        cancelled: set when a matching CANCEL arrived before any final (already answered 200);
+            ``cancel_reason`` holds its ``Reason`` header values joined by ", " (RFC 3326).
+        acked: set when the ACK for our non-2xx final arrived.
+        terminated: set when the transaction has ended (``outcome`` says how).
+        final_status: the status of the first final response sent, None before.
+    """
+
+    def __init__(
+        self, endpoint: SipEndpoint, record: _ServerTx, tx: ServerInviteTransaction, *,
+        managed: bool,
+    ) -> None:
+        self._endpoint = endpoint
+        self._record = record
+        self._tx = tx
+        self._managed = managed
+        self.request = record.request
+        self.source = record.source
+        self.to_tag = self.request.to.tag or new_tag()
+        self.cancelled = trio.Event()
+        self.cancel_reason: str | None = None
+        self.acked = trio.Event()
+        self.terminated = trio.Event()
+        self.final_status: int | None = None
+        self.send_failures = 0
+        self._ack_or_end = trio.Event()
+
+    def __repr__(self) -> str:
+        return (f"ServerInviteHandle(branch={self.branch!r}, state={self.state.name}, "
+                f"final={self.final_status})")
+
+    @property
+    def branch(self) -> str:
+        """The INVITE's top Via branch (a CANCEL for it carries the same)."""
+        return self._tx.branch
+
+    @property
+    def state(self) -> InviteTxState:
+        """The transaction's state."""
+        return self._tx.state
+
+    @property
+    def outcome(self) -> TxOutcome | None:
+        """How it ended (``TIMEOUT``: Timer H, no ACK), once terminated; None before."""
+        return self._tx.outcome
+
+    @property
+    def destination(self) -> Destination:
+        """Where responses go (RFC 3261 §18.2.2)."""
+        return self._record.dest
+
+    def make_response(self, status: int, reason: str | None = None) -> SipResponse:
+        """A response of our own to the INVITE, with ``to_tag`` (none on a 100)."""
+        return make_response(self.request, status, reason,
+                             to_tag=None if status == 100 else self.to_tag)
+
+    async def send_provisional(self, response: SipResponse) -> bool:
+        """Send a 1xx; a retransmitted INVITE gets the last one again.
+
+        Returns:
+            True if it went out; False if the transaction is past PROCEEDING or sending
+            failed.
+
+        Raises:
+            ValueError: not a 1xx.
+        """
+        if not 100 <= response.status <= 199:
+            raise ValueError(f"{response.status} is not a provisional response")
+        return await self._endpoint._server_send(self._record, response)
+
+    async def send_final(self, response: SipResponse) -> bool:
+        """Send the final response.
+
+        A 300–699 is retransmitted over UDP (Timer G) until the ACK, for at most Timer H;
+        a 2xx moves to ACCEPTED for Timer L (see ``send_2xx`` for its retransmissions).
+
+        Returns:
+            True if it went out; False if a final was sent before (except a 2xx in
+            ACCEPTED, which is sent) or sending failed.
+
+        Raises:
+            ValueError: not 200–699.
+        """
+        if not 200 <= response.status <= 699:
+            raise ValueError(f"{response.status} is not a final response")
+        return await self._endpoint._server_send(self._record, response)
+
+    async def send_2xx(self, response: SipResponse) -> bool:
+        """Send a 2xx, first or again: a proxy relays each 2xx retransmission of the UAS.
+
+        After Timer L has ended the transaction it still goes, statelessly, to the same
+        place. After a non-2xx final it is dropped (the call layer ACKs and BYEs it).
+
+        Returns:
+            True if it went out.
+
+        Raises:
+            ValueError: not a 2xx.
+        """
+        if not 200 <= response.status <= 299:
+            raise ValueError(f"{response.status} is not a 2xx response")
+        if self.final_status is not None and self.final_status >= 300:
+            return False
+        if self._tx.state is InviteTxState.TERMINATED:
+            sent = False
+            with trio.CancelScope(shield=True):
+                sent = await self._endpoint._send_reply(self._record, response.to_bytes())
+            return sent
+        return await self._endpoint._server_send(self._record, response)
+
+    async def wait_cancelled(self) -> str | None:
+        """Wait for a CANCEL (already answered 200); return its ``Reason`` header, if any."""
+        await self.cancelled.wait()
+        return self.cancel_reason
+
+    async def wait_ack(self) -> bool:
+        """Wait for the ACK of our non-2xx final: True, or False if the transaction ended
+        without one (Timer H, or it was a 2xx, whose ACK goes to ``handle_request``)."""
+        await self._ack_or_end.wait()
+        return self.acked.is_set()
+
+    async def wait_terminated(self) -> TxOutcome | None:
+        """Wait until the transaction has ended; return its outcome."""
+        await self.terminated.wait()
+        return self.outcome
+
+    # -- endpoint side --
+
+    def _cancel(self, reason: str | None) -> None:
+        if not self.cancelled.is_set():
+            self.cancel_reason = reason
+            self.cancelled.set()
+
+    def _acked(self) -> None:
+        self.acked.set()
+        self._ack_or_end.set()
+
+    def _ended(self, outcome: TxOutcome | None) -> None:
+        self._ack_or_end.set()
+        self.terminated.set()
+
+
+class ClientInviteHandle:
+    """The caller's side of one INVITE client transaction (see ``SipEndpoint.invite``).
+
+    Attributes:
+        request: the INVITE as sent (our Via on top); a CANCEL or ACK is built from it.
+        branch: its branch: the responses' top Via carries it (``proxy.forward_response``).
+        destination: where it was sent; ``flow`` is the flow used, once known.
+        final: the first final response, once in.
+        cancel_requested / cancel_sent: ``cancel()`` was called / the CANCEL went out.
+        cancel_result: the CANCEL's final response, or its ``TransactionTimeout`` /
+            ``TransportError``; None while it runs (or if none was sent).
+        error: why the transaction ended without a final response, once ``terminated``.
+        terminated: set when the transaction is over (Timer D or M included).
+    """
+
+    def __init__(
+        self, request: SipRequest, branch: str, destination: Destination,
+        tx: ClientInviteTransaction, record: _ClientTx,
+    ) -> None:
+        self.request = request
+        self.branch = branch
+        self.destination = destination
+        self.flow: FlowKey | None = destination.flow
+        self.final: SipResponse | None = None
+        self.cancel_requested = False
+        self.cancel_sent = False
+        self.cancel_reason: str | None = None
+        self.cancel_result: SipResponse | SipError | None = None
+        self.error: SipError | None = None
+        self.terminated = trio.Event()
+        self._tx = tx
+        self._record = record
+        self._queue: collections.deque[SipResponse] = collections.deque()
+        self._done = False  # no further response will be delivered
+        self._changed = trio.Event()
+
+    def __repr__(self) -> str:
+        return f"ClientInviteHandle(branch={self.branch!r}, state={self.state.name})"
+
+    @property
+    def state(self) -> InviteTxState:
+        """The transaction's state."""
+        return self._tx.state
+
+    @property
+    def cancel_allowed(self) -> bool:
+        """Whether a CANCEL may go now (after a provisional, before a final; §9.1)."""
+        return self._tx.cancel_allowed
+
+    def cancel(self, reason: str | None = None) -> None:
+        """Cancel the INVITE (RFC 3261 §9.1); ``reason`` is an RFC 3326 Reason value.
+
+        The CANCEL goes at once if a provisional is in, else as soon as one arrives; if a
+        final arrives first, none is sent. The INVITE's final (487, or whatever comes)
+        still arrives through ``responses()``. Later calls do nothing.
+        """
+        if self.cancel_requested or self.terminated.is_set():
+            return
+        self.cancel_requested = True
+        self.cancel_reason = reason
+        SipEndpoint._notify(self._record, _WAKE)
+
+    def responses(self) -> _InviteResponses:
+        """An async iterator over the responses, in order of arrival (100 included).
+
+        It ends after a 300–699 final; after a 2xx it goes on yielding every further 2xx
+        (retransmissions, other forks) until Timer M. If the transaction ends with no final
+        (Timer B, a transport error or closed flow, the endpoint stopping) it raises that
+        ``TransactionTimeout`` / ``TransportError``. Meant for one reader.
+        """
+        return _InviteResponses(self)
+
+    async def wait_terminated(self) -> None:
+        """Wait until the transaction is over."""
+        await self.terminated.wait()
+
+    # -- endpoint side --
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _deliver(self, response: SipResponse) -> None:
+        if response.status >= 200 and self.final is None:
+            self.final = response
+        if len(self._queue) >= _INVITE_QUEUE:
+            log.warning("INVITE %s: responses not read, dropped a %d", self.branch[-8:],
+                        response.status)
+        else:
+            self._queue.append(response)
+        if response.status >= 300:
+            self._done = True  # retransmissions of it are absorbed (Timer D)
+        self._wake()
+
+    def _finish(self, error: SipError | None) -> None:
+        if self.final is None:
+            self.error = error
+        self._done = True
+        self.terminated.set()
+        self._wake()
+
+
+class _InviteResponses:
+    """The iterator of ``ClientInviteHandle.responses()``."""
+
+    def __init__(self, handle: ClientInviteHandle) -> None:
+        self._handle = handle
+
+    def __aiter__(self) -> _InviteResponses:
+        return self
+
+    async def __anext__(self) -> SipResponse:
+        handle = self._handle
+        await trio.lowlevel.checkpoint()
+        while True:
+            if handle._queue:
+                return handle._queue.popleft()
+            if handle._done:
+                if handle.error is not None:
+                    raise handle.error
+                raise StopAsyncIteration
+            await handle._changed.wait()

@@ -19,7 +19,8 @@ Rules:
 - TCP/TLS: one connection per remote (transport, host, port) is kept and reused, whoever
   opened it; an accepted connection is a flow too, and responses to requests received on it
   go back over it (RFC 3261 §18.2.2). Each connection has its own ``StreamFramer``; a framing
-  error closes that connection only.
+  error closes that connection only. A ``Destination`` with ``flow_only`` is sent over its
+  flow or not at all: no new connection replaces a closed one.
 - Keep-alive (RFC 5626 §3.5.1, §4.4.1): on flows we opened we send CRLFCRLF every
   ``keepalive_interval`` (drawn between 80 % and 100 % of it) and close the flow if no CRLF
   pong comes within ``PONG_TIMEOUT``; a CRLFCRLF ping from the peer is answered with CRLF.
@@ -168,6 +169,10 @@ class Destination:
 
     ``flow``: use that connection if it is still open (responses, RFC 3261 §18.2.2).
     ``server_name``: the name a TLS server certificate must match (RFC 5922).
+    ``flow_only``: with ``flow``, that connection or nothing: ``send`` raises
+    ``TransportError`` once it has closed instead of connecting anew. A device that
+    connected to us is reached over its flow only (RFC 5626 §5.3); its source port is
+    ephemeral, and a new connection there would reach nothing, or something else.
     """
 
     transport: str
@@ -175,6 +180,7 @@ class Destination:
     port: int
     flow: FlowKey | None = None
     server_name: str | None = None
+    flow_only: bool = False
 
 
 @attrs.frozen
@@ -497,6 +503,9 @@ class NetworkTransport:
             raise TransportError(f"unsupported transport {excerpt(dest.transport)}")
         conn = self._connections.get(dest.flow) if dest.flow is not None else None
         if conn is None or conn.closed:
+            if dest.flow_only and dest.flow is not None:
+                raise TransportError(f"flow to {dest.host}:{dest.port} is closed",
+                                     flow=dest.flow)
             conn = await self._connection_to(dest)
         await self._send_stream(conn, data)
         return conn.key
@@ -981,6 +990,9 @@ class MemoryTransport:
                 return None
             peer._receive(data, Source("udp", self.host, self.port, None))
             return None
+        if (dest.flow_only and dest.flow is not None
+                and self._flows.get(dest.transport) != dest.flow):
+            raise TransportError(f"flow to {dest.host}:{dest.port} is closed", flow=dest.flow)
         if peer is None or peer.unreachable:
             raise TransportError(f"connect to {dest.transport} {dest.host}:{dest.port} refused")
         flow = self._flow(dest.transport, peer)
