@@ -45,6 +45,16 @@ from sipis.store.sqlite import SqliteStore
 log = logging.getLogger(__name__)
 
 
+#: What an empty ``sip.upstream_allow`` means (config and README: "empty = anywhere").
+ANYWHERE = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
+
+
+def upstream_networks(config: Config) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """``sip.upstream_allow`` for the endpoint, which reads an empty list as "nowhere"."""
+    networks = tuple(ipaddress.ip_network(n) for n in config.sip.upstream_allow)
+    return networks or ANYWHERE
+
+
 def endpoint_config(config: Config) -> EndpointConfig:
     sip = config.sip
     return EndpointConfig(
@@ -64,7 +74,7 @@ def endpoint_config(config: Config) -> EndpointConfig:
         keepalive_interval=sip.keepalive_interval,
         tcp_idle_timeout=sip.tcp_idle_timeout,
         max_message_size=sip.max_message_size,
-        upstream_allow=tuple(ipaddress.ip_network(n) for n in sip.upstream_allow),
+        upstream_allow=upstream_networks(config),
         tls_ca_file=sip.tls.ca_file,
         tls_verify=sip.tls.verify,
         user_agent=sip.user_agent,
