@@ -346,3 +346,28 @@ async def test_registrar_found_by_srv_with_failover_to_the_second_target(
         assert contacts_of(kamailio, contact_token(d, resp.json()["id"]))
         queried = {name.rstrip(".") for _, name in dns.queries()}
         assert "_sip._udp.sip.test" in queried
+
+
+async def test_foreground_hands_the_registration_to_the_app_and_background_takes_it_back(
+    tmp_path: Path, kamailio: Any
+) -> None:
+    """foreground → sipis unREGISTERs (Expires: 0) and keeps the instance; background →
+    registered again. Neither ends the instance."""
+    async with running_daemon(tmp_path) as d:
+        resp = await d.create(instance_body(kamailio))
+        assert resp.status_code == 201, resp.text
+        iid, secret = resp.json()["id"], resp.json()["secret"]
+        auth = {"authorization": f"Bearer {secret}"}
+        token = contact_token(d, iid)
+        r = await d.client.post(f"/v1/instances/{iid}/foreground", headers=auth)
+        assert r.status_code == 200, r.text
+        assert r.json()["registration"]["state"] == "unregistered"
+        assert contacts_of(kamailio, token) == []
+        assert any(e.is_deregister and token in e.contacts[0] for e in kamailio.register_log())
+        r = await d.client.get(f"/v1/instances/{iid}", headers=auth)
+        assert r.status_code == 200 and r.json()["registration"]["state"] == "unregistered"
+        r = await d.client.post(f"/v1/instances/{iid}/background", headers=auth)
+        assert r.status_code == 200, r.text
+        await eventually(lambda: contacts_of(kamailio, token), timeout=10)
+        r = await d.client.get(f"/v1/instances/{iid}", headers=auth)
+        assert r.json()["registration"]["state"] == "registered"
