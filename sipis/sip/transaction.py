@@ -46,8 +46,9 @@ What happens to an input with no table entry:
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
-from typing import TypeAlias
+from collections.abc import Callable, Mapping
+from collections.abc import Set as AbstractSet
+from typing import TypeAlias, TypeVar
 
 import attrs
 
@@ -92,6 +93,26 @@ class TransactionUsageError(RuntimeError):
     Raised for an input the machine cannot take in its state; fix the caller. The machine is
     left as it was.
     """
+
+
+_StateT = TypeVar("_StateT", bound=enum.Enum)
+_InputT = TypeVar("_InputT", bound=enum.Enum)
+
+
+def _next_state(state: _StateT, inp: _InputT,
+                transitions: Mapping[tuple[_StateT, _InputT], _StateT],
+                ignored: AbstractSet[tuple[_StateT, _InputT]], what: str) -> _StateT | None:
+    """One table lookup for every machine here: the next state, or None if ``inp`` is ignored.
+
+    Raises:
+        TransactionUsageError: the pair is in neither table (the caller misused the machine).
+    """
+    key = (state, inp)
+    if key in ignored:
+        return None
+    if key not in transitions:
+        raise TransactionUsageError(f"{what} cannot take {inp.name} in {state.name}")
+    return transitions[key]
 
 
 class TxState(enum.Enum):
@@ -324,15 +345,11 @@ class NonInviteClientTransaction:
 
     def _step(self, inp: TxInput) -> TxState | None:
         """Apply ``inp``: the previous state, or None if it is ignored (no change)."""
-        key = (self._state, inp)
-        if key in IGNORED:
+        new = _next_state(self._state, inp, TRANSITIONS, IGNORED,
+                          f"client transaction {self.branch!r}")
+        if new is None:
             return None
-        if key not in TRANSITIONS:
-            raise TransactionUsageError(
-                f"client transaction {self.branch!r} cannot take {inp.name} in "
-                f"{self._state.name}"
-            )
-        old, self._state = self._state, TRANSITIONS[key]
+        old, self._state = self._state, new
         return old
 
     def _terminate(self, outcome: TxOutcome) -> list[Action]:
@@ -452,15 +469,12 @@ class ServerNonInviteTransaction:
         return self._outcome
 
     def _step(self, inp: ServerTxInput) -> TxState | None:
-        key = (self._state, inp)
-        if key in SERVER_IGNORED:
+        """Apply ``inp``: the previous state, or None if it is ignored (no change)."""
+        new = _next_state(self._state, inp, SERVER_TRANSITIONS, SERVER_IGNORED,
+                          f"server transaction {self.branch!r}")
+        if new is None:
             return None
-        if key not in SERVER_TRANSITIONS:
-            raise TransactionUsageError(  # pragma: no cover - the tables cover every pair
-                f"server transaction {self.branch!r} cannot take {inp.name} in "
-                f"{self._state.name}"
-            )
-        old, self._state = self._state, SERVER_TRANSITIONS[key]
+        old, self._state = self._state, new
         return old
 
     def _terminate(self, outcome: TxOutcome) -> list[Action]:
@@ -772,15 +786,12 @@ class ClientInviteTransaction:
         return self._state is InviteTxState.PROCEEDING
 
     def _step(self, inp: InviteClientInput) -> InviteTxState | None:
-        key = (self._state, inp)
-        if key in INVITE_CLIENT_IGNORED:
+        """Apply ``inp``: the previous state, or None if it is ignored (no change)."""
+        new = _next_state(self._state, inp, INVITE_CLIENT_TRANSITIONS, INVITE_CLIENT_IGNORED,
+                          f"INVITE client transaction {self.branch!r}")
+        if new is None:
             return None
-        if key not in INVITE_CLIENT_TRANSITIONS:
-            raise TransactionUsageError(
-                f"INVITE client transaction {self.branch!r} cannot take {inp.name} in "
-                f"{self._state.name}"
-            )
-        old, self._state = self._state, INVITE_CLIENT_TRANSITIONS[key]
+        old, self._state = self._state, new
         return old
 
     def _terminate(self, outcome: TxOutcome) -> list[Action]:
@@ -915,15 +926,12 @@ class ServerInviteTransaction:
         return self._outcome
 
     def _step(self, inp: InviteServerInput) -> InviteTxState | None:
-        key = (self._state, inp)
-        if key in INVITE_SERVER_IGNORED:
+        """Apply ``inp``: the previous state, or None if it is ignored (no change)."""
+        new = _next_state(self._state, inp, INVITE_SERVER_TRANSITIONS, INVITE_SERVER_IGNORED,
+                          f"INVITE server transaction {self.branch!r}")
+        if new is None:
             return None
-        if key not in INVITE_SERVER_TRANSITIONS:  # pragma: no cover - tables cover every pair
-            raise TransactionUsageError(
-                f"INVITE server transaction {self.branch!r} cannot take {inp.name} in "
-                f"{self._state.name}"
-            )
-        old, self._state = self._state, INVITE_SERVER_TRANSITIONS[key]
+        old, self._state = self._state, new
         return old
 
     def _terminate(self, outcome: TxOutcome) -> list[Action]:
