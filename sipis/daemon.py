@@ -25,7 +25,8 @@ from sipis import __version__
 from sipis.api.schemas import ExpiresPolicy
 from sipis.api.server import ApiServer
 from sipis.api.tls import ensure_self_signed
-from sipis.calls.handler import IncomingHandler
+from sipis.calls.call import CallConfig
+from sipis.calls.driver import CallDriver, DriverSettings
 from sipis.config import ApnsConfig, Config, ConfigError, FcmConfig, load_config
 from sipis.instances import DomainLifetime, InstancePolicy, InstanceService
 from sipis.logs import quiet_header_loggers, setup_logging
@@ -78,6 +79,20 @@ def endpoint_config(config: Config) -> EndpointConfig:
         tls_ca_file=sip.tls.ca_file,
         tls_verify=sip.tls.verify,
         user_agent=sip.user_agent,
+    )
+
+
+def driver_settings(config: Config, local_hosts: frozenset[str]) -> DriverSettings:
+    """The call driver's view of ``sip``, ``calls``, ``push`` and ``registrar``."""
+    transports = [item.transport for item in config.sip.listen]
+    preferred = sorted(set(transports), key=lambda t: (t != "udp", t))
+    return DriverSettings(
+        public_host=config.sip.public_host,
+        local_hosts=local_hosts,
+        transports=tuple(preferred),
+        call=CallConfig(ring_timeout=config.calls.ring_timeout,
+                        progress_timeout=config.calls.progress_timeout),
+        message_body=config.push.message_body,
     )
 
 
@@ -196,6 +211,7 @@ class Daemon:
     service: InstanceService | None = None
     api: ApiServer | None = None
     push: PushDispatcher | None = None
+    calls: CallDriver | None = None
     api_port: int | None = None
     ready: bool = False
     _stop: trio.Event = attrs.Factory(trio.Event)
@@ -248,8 +264,11 @@ class Daemon:
         )
         local_hosts = {config.sip.public_host, "localhost"}
         local_hosts.update(item.host for item in config.sip.listen)
-        handler = IncomingHandler(store=self.store, local_hosts=frozenset(local_hosts))
-        self.endpoint = endpoint = SipEndpoint(endpoint_config(config), handler=handler)
+        assert self.push is not None
+        self.calls = calls = CallDriver(
+            store=self.store, push=self.push,
+            settings=driver_settings(config, frozenset(local_hosts)))
+        self.endpoint = endpoint = SipEndpoint(endpoint_config(config), handler=calls)
         await nursery.start(endpoint.run)
         self.keeper = keeper = RegistrationKeeper(
             endpoint=endpoint, resolver=resolver, store=self.store, config=keeper_config(config)
@@ -258,6 +277,8 @@ class Daemon:
         self.service = service = InstanceService(
             store=self.store, keeper=keeper, policy=instance_policy(config, endpoint)
         )
+        calls.attach(endpoint=endpoint, service=service)
+        await nursery.start(calls.run)
         await service.load_all()
         await nursery.start(service.run_sweeper, lambda: self.config.lifetime.sweep_interval)
         tls = config.api.tls

@@ -119,3 +119,68 @@ def no_secret_in_any_log_line() -> Iterator[None]:
             texts.extend(path.read_text(errors="replace").splitlines())
     leaks = [(s, line) for line in texts for s in harness.SENSITIVE if s and s in line]
     assert not leaks, f"{len(leaks)} log lines hold a secret, e.g. {leaks[0][1][:200]!r}"
+
+
+# -- pjsua2 phones and sipp callers (tests/peers/phone.py, tests/peers/caller.py) ----------
+
+from tests.peers import caller as caller_peer  # noqa: E402
+from tests.peers import phone as phone_peer  # noqa: E402
+from tests.peers.caller import Caller, Transport  # noqa: E402
+from tests.peers.phone import Phone  # noqa: E402
+
+PhoneFactory = Callable[..., Phone]
+CallerFactory = Callable[..., Caller]
+
+
+@pytest.fixture
+def phone_factory(request: pytest.FixtureRequest) -> Iterator[PhoneFactory]:
+    """Start pjsua2 phones, one subprocess each: `make(name=None, start=True, log_level=4)`.
+
+    Every phone is closed and its process reaped afterwards; its log (every SIP message
+    at level 4) is attached to a failing test's report. For trio tests wrap one in
+    `tests.peers.phone.AsyncPhone` (or pass start=False and `await AsyncPhone(p).start()`).
+    """
+    if not phone_peer.available():
+        pytest.skip("pjsua2 (PyPI pjsua2-python) not installed")
+    made: list[Phone] = []
+
+    def make(*, name: str | None = None, start: bool = True, log_level: int = 4) -> Phone:
+        phone = Phone(name=name, log_level=log_level)
+        made.append(phone)
+        _track(request, phone)
+        if start:
+            phone.start()
+        return phone
+
+    yield make
+    for phone in made:
+        phone.cleanup()
+
+
+@pytest.fixture
+def caller_factory(request: pytest.FixtureRequest) -> Iterator[CallerFactory]:
+    """sipp callers: `make(target, *, domain, from_user="caller", transport="udp")`.
+
+    `target` is the (host, port) the INVITEs go to, e.g. `kamailio.address`. Running sipp
+    processes are killed afterwards; each finished run's message list goes into a failing
+    test's report.
+    """
+    if not caller_peer.available():
+        pytest.skip("sipp not installed")
+    made: list[Caller] = []
+
+    def make(
+        target: tuple[str, int],
+        *,
+        domain: str,
+        from_user: str = "caller",
+        transport: Transport = "udp",
+    ) -> Caller:
+        caller = Caller(target, domain=domain, from_user=from_user, transport=transport)
+        made.append(caller)
+        _track(request, caller)
+        return caller
+
+    yield make
+    for caller in made:
+        caller.close()

@@ -1,0 +1,812 @@
+"""The trio call driver: carries out what ``IncomingCall`` and ``DeviceRegistrar`` decide.
+
+It is the endpoint's ``InviteHandler``: every request that reaches sipis's SIP listeners comes
+here. The sans-IO machines decide; this module runs their actions on trio's clock (timers with
+``trio.sleep_until`` in the call's own nursery), sends pushes through the dispatcher, and
+proxies the call to the woken device with ``sipis.sip.proxy``.
+
+Rules (SPEC.md "SIP behaviour"):
+
+- OPTIONS → 200 with Allow. ACK without a Route of ours → absorbed. CANCEL/BYE outside a
+  dialog → 481. Unknown methods → 405. A Request-URI whose host is not ours, on a request that
+  carries no Route of ours → 403: nothing is relayed anywhere but along a dialog we
+  record-routed.
+- REGISTER (to us) → ``DeviceRegistrar`` (realm = ``service.policy.realm``, HA1 from
+  ``service.device_ha1_cached``). An authenticated REGISTER is "heard from the device"
+  (``service.touch``, awaited). ADDED/REFRESHED bindings wake the held calls of the instance.
+- INVITE to a contact token → one ``IncomingCall``, run inside ``handle_invite`` for the
+  call's whole life. Unknown token → 404; Max-Forwards 0 → 483.
+- Forwarded INVITEs carry a double (or single) Record-Route whose token names the instance
+  by its **contact token** (already known to the provider: it is the Request-URI user), not
+  by the instance id, which the provider never needs to learn.
+- In-dialog requests (a Route of ours): ``process_route``; toward the device they go to the
+  dialog's device destination (the binding's source and flow); toward the provider only to
+  the address the initial INVITE came from (kept per Call-ID in a bounded table), else 403.
+  ACK statelessly, re-INVITE through a client INVITE transaction, the others through
+  ``endpoint.request``; the response is relayed back.
+- MESSAGE to a contact token → 200 and an alert push naming the sender (the text only when
+  ``push.message_body``; is-composing bodies are not pushed). Holding and delivering the
+  message to the device is not done here yet.
+
+Keys: the nonce key and the Record-Route key are random per process (``secrets``): a restart
+costs each device one more 401 and breaks the in-dialog routing of calls in progress.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import math
+import secrets
+import time
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+import attrs
+import trio
+
+from sipis.calls.call import (
+    CallAction,
+    CallConfig,
+    CallEvent,
+    CallState,
+    Cancel,
+    Decline,
+    DeviceReady,
+    DeviceResponse,
+    DeviceUnreachable,
+    Finished,
+    ForwardCancel,
+    ForwardInvite,
+    IncomingCall,
+    InviteReceived,
+    Progress,
+    PushAccepted,
+    PushFailed,
+    RelayResponse,
+    SendFinal,
+    SendProvisional,
+    SendPush,
+    StartTimer,
+    StopTimer,
+    TimerFired,
+    WipeInstance,
+)
+from sipis.calls.device import DeviceBinding, DeviceRegistrar, NonceIssuer
+from sipis.push.base import InvalidToken, PushError, PushKind, PushRequest, PushResult, PushTarget
+from sipis.sip.endpoint import ClientInviteHandle, ClientResult, ServerInviteHandle
+from sipis.sip.errors import SipError, SipParseError, TransactionTimeout, TransportError
+from sipis.sip.headers import URI, Address, Via
+from sipis.sip.message import (
+    Headers,
+    SipRequest,
+    SipResponse,
+    make_response,
+    new_branch,
+    new_tag,
+)
+from sipis.sip.proxy import (
+    ProxyError,
+    ProxyIdentity,
+    RecordRouteSigner,
+    RelayRefused,
+    is_ours_for,
+    nat_target,
+    parse_record_route_token,
+    process_route,
+)
+from sipis.sip.proxy import forward_request as proxy_forward_request
+from sipis.sip.proxy import forward_response as proxy_forward_response
+from sipis.sip.transport import Destination, FlowKey, Source
+from sipis.store.errors import NotFound, StoreError
+from sipis.store.models import InstanceRecord
+
+__all__ = ["ALLOW", "CallDriver", "DriverSettings"]
+
+log = logging.getLogger(__name__)
+
+ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, MESSAGE, REGISTER, UPDATE, INFO"
+
+#: Dialogs remembered for in-dialog routing (oldest forgotten first).
+MAX_DIALOGS = 10_000
+
+#: How long a dialog is remembered without a BYE (s).
+DIALOG_LIFETIME = 12 * 3600.0
+
+#: Deadline for call-ended and message pushes (s).
+ALERT_PUSH_DEADLINE = 30.0
+
+_IS_COMPOSING = "application/im-iscomposing+xml"
+
+
+# --- what the driver needs from the rest of sipis ------------------------------------------
+
+
+class DriverStore(Protocol):
+    async def get_by_contact_token(self, token: str) -> InstanceRecord: ...
+
+
+class DriverPolicy(Protocol):
+    @property
+    def realm(self) -> str: ...
+
+
+class DriverService(Protocol):
+    """The parts of ``InstanceService`` the driver calls."""
+
+    @property
+    def policy(self) -> DriverPolicy: ...
+
+    def device_ha1_cached(self, instance_id: str, algorithm: str) -> str | None: ...
+
+    async def touch(self, instance_id: str) -> InstanceRecord: ...
+
+    async def wipe(self, instance_id: str, reason: str) -> bool: ...
+
+
+class DriverPush(Protocol):
+    async def send(self, request: PushRequest, *, deadline: float) -> PushResult: ...
+
+
+class DriverEndpoint(Protocol):
+    """The parts of ``SipEndpoint`` the driver calls."""
+
+    def contact_host_port(self, transport: str) -> tuple[str, int]: ...
+
+    async def invite(self, request: SipRequest, destination: Destination, *,
+                     replace_top_via: bool = False) -> ClientInviteHandle: ...
+
+    async def request(self, request: SipRequest, targets: list[Destination], *,
+                      replace_top_via: bool = False) -> ClientResult: ...
+
+    async def send_request_stateless(self, request: SipRequest, destination: Destination, *,
+                                     add_via: bool = False) -> FlowKey | None: ...
+
+    def flow_closed_channel(self) -> trio.MemoryReceiveChannel[FlowKey]: ...
+
+
+@attrs.frozen
+class DriverSettings:
+    """Configuration of the driver (from ``sip``, ``calls`` and ``push``)."""
+
+    public_host: str
+    local_hosts: frozenset[str]
+    transports: tuple[str, ...] = ("udp", "tcp")
+    call: CallConfig = attrs.Factory(CallConfig)
+    message_body: bool = False
+    min_expires: int = 60
+    max_expires: int = 3600
+
+
+@attrs.define(eq=False)
+class _Dialog:
+    """A dialog sipis record-routed: where each side is reached."""
+
+    token: str  # the instance's contact token (the Record-Route token names it)
+    upstream: Destination
+    device: Destination
+    created: float
+
+
+@attrs.define(eq=False)
+class _Call:
+    """The running state of one call (the machine plus the driver's handles)."""
+
+    machine: IncomingCall
+    record: InstanceRecord
+    request: SipRequest
+    source: Source
+    tx: ServerInviteHandle
+    ref: str
+    events: trio.MemorySendChannel[CallEvent]
+    nursery: trio.Nursery  # timers, watchers, the call push: cancelled when the call ends
+    outer: trio.Nursery  # call-ended pushes and 2xx retransmissions: awaited
+    timers: dict[str, trio.CancelScope] = attrs.Factory(dict)
+    client: ClientInviteHandle | None = None
+    record_route: list[str] = attrs.Factory(list)
+    finished: bool = False
+    final_status: int | None = None  # of the final we sent upstream
+
+    def report(self, event: CallEvent) -> None:
+        # The call is over: late news is dropped, as the machine would drop it.
+        with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError,
+                                 trio.WouldBlock):
+            self.events.send_nowait(event)
+
+
+def _short(value: str) -> str:
+    return value[:8]
+
+
+def _respond(request: SipRequest, status: int, reason: str | None = None) -> SipResponse:
+    return make_response(request, status, reason, to_tag=new_tag())
+
+
+class CallDriver:
+    """``RequestHandler`` + ``InviteHandler`` of the endpoint (see the module rules).
+
+    Built before the endpoint (which needs its handler); ``attach`` gives it the endpoint and
+    the instance service once they exist, and ``run`` serves the flow-closed notices.
+    Until ``attach``, calls, messages and REGISTERs are answered 503.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: DriverStore,
+        push: DriverPush,
+        settings: DriverSettings,
+        nonce_key: bytes | None = None,
+        signer_key: bytes | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._push = push
+        self.settings = settings
+        self._local_hosts = frozenset(h.lower() for h in settings.local_hosts)
+        self._clock = clock
+        self.registrar = DeviceRegistrar(
+            "sipis",
+            nonce_issuer=NonceIssuer(nonce_key or secrets.token_bytes(32)),
+            ha1_lookup=self._ha1,
+            min_expires=settings.min_expires,
+            max_expires=settings.max_expires,
+            default_expires=settings.max_expires,
+        )
+        self.signer = RecordRouteSigner(signer_key or secrets.token_bytes(32))
+        self._endpoint: DriverEndpoint | None = None
+        self._service: DriverService | None = None
+        self._wakeups: dict[str, trio.Event] = {}
+        self._dialogs: collections.OrderedDict[str, _Dialog] = collections.OrderedDict()
+        self._calls: dict[tuple[str, str], _Call] = {}
+        self._nursery: trio.Nursery | None = None
+        self._is_ours: Callable[[URI], bool] = lambda uri: False
+        self.outcomes: collections.Counter[str] = collections.Counter()
+
+    def __repr__(self) -> str:
+        return f"CallDriver(calls={len(self._calls)}, dialogs={len(self._dialogs)})"
+
+    # -- composition -------------------------------------------------------------------------
+
+    def attach(self, *, endpoint: DriverEndpoint, service: DriverService) -> None:
+        """Late-bind the endpoint (running) and the instance service."""
+        self._endpoint = endpoint
+        self._service = service
+        identities = [self._identity(t) for t in self.settings.transports]
+        ports = {i.port for i in identities}
+        self._is_ours = is_ours_for(
+            identities, extra_hosts=[(h, p) for h in self._local_hosts for p in ports])
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Own the background tasks (message pushes) and drop bindings of closed flows."""
+        endpoint = self._need_endpoint()
+        closed = endpoint.flow_closed_channel()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                async for flow in closed:
+                    for change in self.registrar.bindings.remove_flow(flow):
+                        log.info("instance=%s device flow closed; binding dropped",
+                                 _short(change.binding.instance_id))
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+
+    def _need_endpoint(self) -> DriverEndpoint:
+        if self._endpoint is None:
+            raise RuntimeError("CallDriver.attach() was not called")
+        return self._endpoint
+
+    def _identity(self, transport: str) -> ProxyIdentity:
+        endpoint = self._need_endpoint()
+        transport = transport.lower()
+        try:
+            _, port = endpoint.contact_host_port(transport)
+        except LookupError:
+            _, port = endpoint.contact_host_port(self.settings.transports[0])
+        return ProxyIdentity(self.settings.public_host, port, transport)
+
+    def _ha1(self, instance_id: str, algorithm: str) -> str | None:
+        if self._service is None:
+            return None
+        return self._service.device_ha1_cached(instance_id, algorithm)
+
+    # -- the fast channel (the HTTPS API calls these) ------------------------------------------
+
+    def progress(self, instance_id: str, call_ref: str) -> bool:
+        """``POST …/progress``: the device is waking up; False if no such call rings."""
+        return self._feed(instance_id, call_ref, Progress())
+
+    def decline(self, instance_id: str, call_ref: str) -> bool:
+        """``POST …/decline``: the user declined; False if no such call rings."""
+        return self._feed(instance_id, call_ref, Decline())
+
+    def _feed(self, instance_id: str, call_ref: str, event: CallEvent) -> bool:
+        call = self._calls.get((instance_id, call_ref))
+        if call is None or call.finished:
+            return False
+        call.report(event)
+        return True
+
+    # -- RequestHandler ------------------------------------------------------------------------
+
+    async def handle_request(self, request: SipRequest, source: Source) -> SipResponse | None:
+        """Everything but INVITE (see the module rules)."""
+        method = request.method
+        try:
+            in_dialog = self._has_our_route(request)
+        except SipParseError:
+            return None if method == "ACK" else _respond(request, 400)
+        if in_dialog:
+            return await self._in_dialog(request)
+        if method == "ACK":
+            return None
+        if request.uri.host.lower() not in self._local_hosts:
+            return _respond(request, 403, "Relaying Forbidden")
+        if method == "OPTIONS":
+            response = _respond(request, 200)
+            response.headers.add("Allow", ALLOW)
+            return response
+        if method in ("CANCEL", "BYE"):
+            return _respond(request, 481)
+        if method == "REGISTER":
+            return await self._register(request, source)
+        if method == "MESSAGE":
+            return await self._message(request)
+        response = _respond(request, 405)
+        response.headers.add("Allow", ALLOW)
+        return response
+
+    async def _lookup(self, request: SipRequest) -> InstanceRecord | SipResponse:
+        token = request.uri.user
+        if not token:
+            return _respond(request, 404)
+        try:
+            return await self._store.get_by_contact_token(token)
+        except NotFound:
+            return _respond(request, 404)
+        except StoreError:
+            log.exception("store lookup failed for an incoming %s", request.method)
+            return _respond(request, 500)
+
+    # -- REGISTER ------------------------------------------------------------------------------
+
+    async def _register(self, request: SipRequest, source: Source) -> SipResponse:
+        service = self._service
+        if service is None:
+            return _respond(request, 503)
+        self.registrar.realm = service.policy.realm
+        result = self.registrar.handle_register(request, source, trio.current_time())
+        if result.instance_id is not None:
+            try:
+                await service.touch(result.instance_id)
+            except NotFound:
+                log.info("instance=%s REGISTER for an instance that is gone",
+                         _short(result.instance_id))
+                return _respond(request, 404)
+            except StoreError:
+                log.exception("instance=%s touch failed", _short(result.instance_id))
+        woken = {c.binding.instance_id for c in result.changes if c.kind.reachable}
+        for instance_id in woken:
+            self._wake(instance_id)
+        if result.instance_id is not None:
+            log.info("instance=%s device REGISTER → %d", _short(result.instance_id),
+                     result.response.status)
+        return result.response
+
+    def _wake(self, instance_id: str) -> None:
+        event = self._wakeups.pop(instance_id, None)
+        if event is not None:
+            event.set()
+
+    def _wakeup_event(self, instance_id: str) -> trio.Event:
+        return self._wakeups.setdefault(instance_id, trio.Event())
+
+    def _live_binding(self, instance_id: str) -> DeviceBinding | None:
+        live = self.registrar.bindings.live(instance_id, trio.current_time())
+        return live[0] if live else None
+
+    def _binding_destination(self, binding: DeviceBinding) -> Destination:
+        transport, host, port = nat_target(
+            (binding.transport, binding.host, binding.port), binding.contact)
+        flow = binding.flow if isinstance(binding.flow, FlowKey) else None
+        return Destination(transport, host, port, flow=flow, flow_only=flow is not None)
+
+    # -- MESSAGE -------------------------------------------------------------------------------
+
+    async def _message(self, request: SipRequest) -> SipResponse:
+        found = await self._lookup(request)
+        if isinstance(found, SipResponse):
+            return found
+        record = found
+        content_type = (request.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if content_type == _IS_COMPOSING:
+            return _respond(request, 200)
+        body: str | None = None
+        if self.settings.message_body and content_type.startswith("text/"):
+            body = request.body.decode("utf-8", "replace")
+        push = self._push_request(record, request, PushKind.MESSAGE, call=None, body=body)
+        if self._nursery is not None:
+            self._nursery.start_soon(self._alert_push, push, record.id)
+        else:
+            await self._alert_push(push, record.id)
+        log.info("instance=%s MESSAGE accepted (not held: delivery not implemented)",
+                 _short(record.id))
+        return _respond(request, 200)
+
+    async def _alert_push(self, push: PushRequest, instance_id: str) -> None:
+        try:
+            await self._push.send(push, deadline=trio.current_time() + ALERT_PUSH_DEADLINE)
+        except PushError as exc:
+            log.info("instance=%s %s push failed: %s", _short(instance_id), push.kind.value,
+                     exc.reason)
+
+    def _push_request(self, record: InstanceRecord, request: SipRequest, kind: PushKind, *,
+                      call: str | None, reason: str | None = None,
+                      body: str | None = None) -> PushRequest:
+        from_ = request.from_
+        return PushRequest(
+            kind=kind,
+            target=PushTarget(provider=record.push_provider, token=record.push_token,
+                              app=record.app, environment=record.push_environment),
+            instance=record.id,
+            call=call,
+            from_uri=str(from_.uri),
+            from_name=from_.display_name,
+            to_uri=str(request.to.uri),
+            sip_call_id=request.call_id,
+            reason=reason,
+            sent_at=int(self._clock()),
+            body=body,
+        )
+
+    # -- InviteHandler -------------------------------------------------------------------------
+
+    async def handle_invite(self, request: SipRequest, source: Source,
+                            tx: ServerInviteHandle) -> None:
+        """An initial INVITE to a contact token runs a call; a re-INVITE is proxied."""
+        try:
+            in_dialog = self._has_our_route(request)
+        except SipParseError:
+            await tx.send_final(tx.make_response(400))
+            return
+        if in_dialog:
+            await self._reinvite(request, tx)
+            return
+        if request.uri.host.lower() not in self._local_hosts:
+            await tx.send_final(tx.make_response(403, "Relaying Forbidden"))
+            return
+        if self._service is None or self._endpoint is None:
+            await tx.send_final(tx.make_response(503))
+            return
+        found = await self._lookup(request)
+        if isinstance(found, SipResponse):
+            await tx.send_final(tx.make_response(found.status, found.reason))
+            return
+        if request.max_forwards == 0:
+            await tx.send_final(tx.make_response(483, "Too Many Hops"))
+            return
+        await self._run_call(found, request, source, tx)
+
+    async def _run_call(self, record: InstanceRecord, request: SipRequest, source: Source,
+                        tx: ServerInviteHandle) -> None:
+        send, receive = trio.open_memory_channel[CallEvent](math.inf)
+        ref = secrets.token_hex(8)
+        async with trio.open_nursery() as outer, trio.open_nursery() as nursery:
+            call = _Call(IncomingCall(self.settings.call), record, request, source, tx,
+                         ref, send, nursery, outer)
+            self._calls[(record.id, ref)] = call
+            try:
+                nursery.start_soon(self._watch_cancel, call)
+                nursery.start_soon(self._watch_device, call)
+                first = InviteReceived(self._live_binding(record.id))
+                await self._execute(call, call.machine.handle(first, trio.current_time()))
+                if not call.finished:
+                    async for event in receive:
+                        actions = call.machine.handle(event, trio.current_time())
+                        await self._execute(call, actions)
+                        if call.finished:
+                            break
+            finally:
+                call.finished = True
+                send.close()
+                self._calls.pop((record.id, ref), None)
+                nursery.cancel_scope.cancel()
+
+    async def _watch_cancel(self, call: _Call) -> None:
+        reason = await call.tx.wait_cancelled()
+        call.report(Cancel(reason))
+
+    async def _watch_device(self, call: _Call) -> None:
+        """Feed ``DeviceReady`` whenever the instance registers while the call waits."""
+        instance_id = call.record.id
+        while True:
+            await self._wakeup_event(instance_id).wait()
+            if call.machine.state in (CallState.ALERTING, CallState.PROGRESS):
+                binding = self._live_binding(instance_id)
+                if binding is not None:
+                    call.report(DeviceReady(binding))
+
+    async def _execute(self, call: _Call, actions: Iterable[CallAction]) -> None:
+        for action in actions:
+            match action:
+                case SendProvisional(status, reason, headers):
+                    response = call.tx.make_response(status, reason)
+                    for name, value in headers:
+                        response.headers.add(name, value)
+                    await call.tx.send_provisional(response)
+                case SendFinal(status, reason, headers):
+                    response = call.tx.make_response(status, reason)
+                    for name, value in headers:
+                        response.headers.add(name, value)
+                    await call.tx.send_final(response)
+                    call.final_status = call.final_status or status
+                    self._dialogs.pop(call.request.call_id, None)
+                case RelayResponse(status, response):
+                    if isinstance(response, SipResponse):
+                        await self._relay_upstream(call, response)
+                case SendPush(kind, reason):
+                    self._start_push(call, kind, reason)
+                case ForwardInvite(binding):
+                    await self._forward_invite(call, binding)
+                case ForwardCancel():
+                    if call.client is not None:
+                        call.client.cancel(call.tx.cancel_reason)
+                case StartTimer(name, deadline):
+                    self._start_timer(call, name, deadline)
+                case StopTimer(name):
+                    scope = call.timers.pop(name, None)
+                    if scope is not None:
+                        scope.cancel()
+                case WipeInstance(reason):
+                    await self._wipe(call.record.id, reason)
+                case Finished(outcome):
+                    call.finished = True
+                    self.outcomes[outcome.value] += 1
+                    log.info("call instance=%s call=%s outcome=%s", _short(call.record.id),
+                             call.ref, outcome.value)
+
+    def _start_timer(self, call: _Call, name: str, deadline: float) -> None:
+        old = call.timers.pop(name, None)
+        if old is not None:
+            old.cancel()
+        scope = trio.CancelScope()
+        call.timers[name] = scope
+
+        async def fire() -> None:
+            with scope:
+                await trio.sleep_until(deadline)
+                call.report(TimerFired(name))
+
+        call.nursery.start_soon(fire)
+
+    def _start_push(self, call: _Call, kind: PushKind, reason: str | None) -> None:
+        push = self._push_request(call.record, call.request, kind, call=call.ref, reason=reason)
+        if kind is not PushKind.CALL:
+            call.outer.start_soon(self._alert_push, push, call.record.id)
+            return
+        deadline = trio.current_time() + self.settings.call.ring_timeout
+
+        async def send_call_push() -> None:
+            try:
+                await self._push.send(push, deadline=deadline)
+            except InvalidToken as exc:
+                call.report(PushFailed(dead_token=True, reason=exc.reason))
+            except PushError as exc:
+                log.info("instance=%s call=%s push failed: %s", _short(call.record.id),
+                         call.ref, exc.reason)
+                call.report(PushFailed(dead_token=False, reason=exc.reason))
+            else:
+                call.report(PushAccepted())
+
+        call.nursery.start_soon(send_call_push)
+
+    async def _wipe(self, instance_id: str, reason: str) -> None:
+        service = self._service
+        assert service is not None
+        from sipis.instances import WipeReason  # late: instances imports the registrar stack
+
+        log.info("instance=%s wiping: %s", _short(instance_id), reason)
+        try:
+            await service.wipe(instance_id, WipeReason.TOKEN_INVALID)
+        except StoreError:
+            log.exception("instance=%s wipe failed", _short(instance_id))
+        self.registrar.bindings.remove_instance(instance_id)
+
+    # -- proxying the call to the device -------------------------------------------------------
+
+    async def _forward_invite(self, call: _Call, binding: DeviceBinding) -> None:
+        endpoint = self._need_endpoint()
+        request = call.request
+        try:
+            dest = self._binding_destination(binding)
+            device = self._identity(dest.transport)
+            upstream = self._identity(call.source.transport)
+            call.record_route = self.signer.record_route(
+                call_id=request.call_id, from_tag=request.from_.tag or "",
+                instance_id=call.record.contact_token, upstream=upstream, device=device)
+            forwarded = proxy_forward_request(
+                request, via=device, branch=new_branch(), target_uri=binding.contact,
+                record_route=call.record_route, is_ours=self._is_ours)
+            handle = await endpoint.invite(forwarded, dest, replace_top_via=True)
+        except (ProxyError, SipError, ValueError) as exc:
+            log.info("instance=%s call=%s forward failed: %s", _short(call.record.id), call.ref,
+                     exc)
+            call.report(DeviceUnreachable(str(exc)))
+            return
+        call.client = handle
+        self._remember_dialog(request.call_id, _Dialog(
+            call.record.contact_token, call.tx.destination, dest, trio.current_time()))
+        log.info("instance=%s call=%s forwarded to the device (%s)", _short(call.record.id),
+                 call.ref, dest.transport)
+        call.outer.start_soon(self._read_device, call, handle)
+
+    async def _read_device(self, call: _Call, handle: ClientInviteHandle) -> None:
+        """Report the device's responses; after the call has ended relay 2xx retransmissions."""
+        try:
+            async for response in handle.responses():
+                if call.client is not handle:
+                    continue  # an older forward (the machine moved on)
+                if call.finished:
+                    if 200 <= response.status <= 299:
+                        if (call.final_status or 200) >= 300:
+                            await self._end_stray_2xx(call, handle, response)
+                        else:
+                            await self._relay_upstream(call, response)
+                    continue
+                call.report(DeviceResponse(response.status, response.reason, response))
+        except (TransactionTimeout, TransportError) as exc:
+            if call.client is handle:
+                call.report(DeviceUnreachable(str(exc)))
+
+    async def _relay_upstream(self, call: _Call, response: SipResponse) -> None:
+        client = call.client
+        branch = client.branch if client is not None else None
+
+        def is_ours(via: Via) -> bool:
+            return branch is not None and via.branch == branch
+
+        relayed = proxy_forward_response(response, is_our_via=is_ours,
+                                         record_route=call.record_route)
+        if relayed is None:
+            return
+        if relayed.status < 200:
+            await call.tx.send_provisional(relayed)
+            return
+        call.final_status = call.final_status or relayed.status
+        if relayed.status < 300:
+            await call.tx.send_2xx(relayed)
+        else:
+            await call.tx.send_final(relayed)
+            self._dialogs.pop(call.request.call_id, None)
+
+    async def _end_stray_2xx(self, call: _Call, handle: ClientInviteHandle,
+                             response: SipResponse) -> None:
+        """The device answered after we had sent a non-2xx final upstream (a CANCEL or
+        timer race): ACK its 2xx and BYE the dialog, so that the phone does not stay in a
+        call nobody hears (RFC 3261 §13.2.2.4 as the UAC of this leg)."""
+        endpoint = self._need_endpoint()
+        try:
+            contacts = response.headers.get_list("Contact")
+            target = Address.parse(contacts[0]).uri if contacts else handle.request.uri
+            seq = handle.request.cseq.seq
+            base = Headers([
+                ("From", handle.request.headers.get("From") or ""),
+                ("To", response.headers.get("To") or ""),
+                ("Call-ID", handle.request.call_id),
+            ])
+            ack = SipRequest("ACK", target, base.copy())
+            ack.headers.add("CSeq", f"{seq} ACK")
+            await endpoint.send_request_stateless(ack, handle.destination, add_via=True)
+            bye = SipRequest("BYE", target, base.copy())
+            bye.headers.add("CSeq", f"{seq + 1} BYE")
+            await endpoint.request(bye, [handle.destination])
+        except (SipError, ValueError) as exc:
+            log.info("instance=%s call=%s late 2xx not ended: %s", _short(call.record.id),
+                     call.ref, exc)
+            return
+        log.info("instance=%s call=%s device answered too late: ACKed and BYEd",
+                 _short(call.record.id), call.ref)
+
+    # -- in-dialog requests --------------------------------------------------------------------
+
+    def _has_our_route(self, request: SipRequest) -> bool:
+        routes = request.headers.get_list("Route")
+        if routes and self._is_ours(Address.parse(routes[0]).uri):
+            return True
+        return self._is_ours(request.uri) and parse_record_route_token(request.uri) is not None
+
+    def _remember_dialog(self, call_id: str, dialog: _Dialog) -> None:
+        self._dialogs.pop(call_id, None)
+        self._dialogs[call_id] = dialog
+        now = trio.current_time()
+        while self._dialogs:
+            oldest = next(iter(self._dialogs.values()))
+            if len(self._dialogs) <= MAX_DIALOGS and now - oldest.created < DIALOG_LIFETIME:
+                break
+            self._dialogs.popitem(last=False)
+
+    def _route(self, request: SipRequest) -> tuple[SipRequest, Destination] | SipResponse:
+        """Where an in-dialog request goes, as (request to forward, destination)."""
+        try:
+            decision = process_route(request, self._is_ours, signer=self.signer)
+        except RelayRefused:
+            return _respond(request, 403, "Relaying Forbidden")
+        except SipParseError:
+            return _respond(request, 400)
+        dialog = self._dialogs.get(request.call_id)
+        if dialog is None or dialog.token != decision.dialog.instance_id:
+            log.info("in-dialog %s for a dialog we do not know: refused", request.method)
+            return _respond(request, 403, "Relaying Forbidden")
+        dest = dialog.device if decision.toward.value == "d" else dialog.upstream
+        try:
+            forwarded = proxy_forward_request(
+                decision.request, via=self._identity(dest.transport), branch=new_branch())
+        except ProxyError as exc:
+            return _respond(request, exc.status, exc.reason)
+        except SipParseError:
+            return _respond(request, 400)
+        return forwarded, dest
+
+    async def _in_dialog(self, request: SipRequest) -> SipResponse | None:
+        routed = self._route(request)
+        if isinstance(routed, SipResponse):
+            return None if request.method == "ACK" else routed
+        forwarded, dest = routed
+        endpoint = self._need_endpoint()
+        if request.method == "ACK":
+            try:
+                await endpoint.send_request_stateless(forwarded, dest)
+            except TransportError as exc:
+                log.info("in-dialog ACK not relayed: %s", exc)
+            return None
+        try:
+            result = await endpoint.request(forwarded, [dest], replace_top_via=True)
+        except TransactionTimeout:
+            return _respond(request, 408)
+        except TransportError:
+            return _respond(request, 480)
+        relayed = proxy_forward_response(result.response, is_our_via=lambda via: True)
+        if relayed is None:
+            return _respond(request, 500)
+        if request.method == "BYE" and relayed.status < 300:
+            self._dialogs.pop(request.call_id, None)
+        return relayed
+
+    async def _reinvite(self, request: SipRequest, tx: ServerInviteHandle) -> None:
+        routed = self._route(request)
+        if isinstance(routed, SipResponse):
+            await tx.send_final(tx.make_response(routed.status, routed.reason))
+            return
+        forwarded, dest = routed
+        try:
+            handle = await self._need_endpoint().invite(forwarded, dest, replace_top_via=True)
+        except TransportError:
+            await tx.send_final(tx.make_response(480))
+            return
+
+        async def relay_cancel() -> None:
+            handle.cancel(await tx.wait_cancelled())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relay_cancel)
+            try:
+                async for response in handle.responses():
+                    relayed = proxy_forward_response(
+                        response, is_our_via=lambda via: via.branch == handle.branch)
+                    if relayed is None:
+                        continue
+                    if relayed.status < 200:
+                        await tx.send_provisional(relayed)
+                    elif relayed.status < 300:
+                        await tx.send_2xx(relayed)
+                    else:
+                        await tx.send_final(relayed)
+            except TransactionTimeout:
+                await tx.send_final(tx.make_response(408))
+            except TransportError:
+                await tx.send_final(tx.make_response(480))
+            nursery.cancel_scope.cancel()
