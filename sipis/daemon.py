@@ -297,6 +297,7 @@ class Daemon:
                 minimum=config.registrar.min_expires,
                 maximum=config.registrar.max_expires,
             ),
+            calls=calls,
         )
         self.api_port = await nursery.start(self.api.run)
 

@@ -16,6 +16,9 @@ Order of checks (cheap first, and nothing about an instance is revealed before i
     /v1/instances/{id}…: Authorization header present → service.authenticate → (body checks)
                          → the service call; every authenticated call counts as heard from
                          the device (GET touches; update/foreground/background do it inside).
+    …/calls/{call}/progress|decline: the same auth → ``CallControl`` → touch; 204 if the
+                         call rings for this instance, else 404 (one answer for an unknown
+                         call and another instance's call, so nothing about it leaks).
 """
 
 from __future__ import annotations
@@ -70,6 +73,8 @@ INSTANCES_PATH: Final = "/v1/instances"
 # Instance ids are server-made URL-safe tokens; anything else cannot exist (404 without a
 # store lookup).
 _INSTANCE_ID_RE: Final = re.compile(r"[A-Za-z0-9._~-]{1,128}")
+# Call refs (the push payload's ``call`` key) are server-made tokens of the same alphabet.
+_CALL_REF_RE: Final = _INSTANCE_ID_RE
 # A bearer secret longer than this is not one of ours; refuse it without hashing it.
 MAX_SECRET_LENGTH: Final = 512
 # Rate-limit buckets kept per client before full (idle) ones are dropped.
@@ -107,6 +112,17 @@ class ApiSettings(Protocol):
     def create_rate(self) -> _RateConfig: ...
     @property
     def create_timeout(self) -> float: ...
+
+
+class CallControl(Protocol):
+    """The fast channel into the call layer (``sipis.calls.driver.CallDriver`` fits).
+
+    Both return False when no call with that ref rings for that instance (unknown, finished,
+    or another instance's call); they must not block.
+    """
+
+    def progress(self, instance_id: str, call_ref: str) -> bool: ...
+    def decline(self, instance_id: str, call_ref: str) -> bool: ...
 
 
 class ProblemError(Exception):
@@ -416,6 +432,7 @@ class _Api:
     ready: Callable[[], bool]
     expires: ExpiresPolicy
     limiter: TokenBucketLimiter
+    calls: CallControl | None = None
 
     async def create(self, request: Request) -> Response:
         client = request.client.host if request.client else None
@@ -485,6 +502,25 @@ class _Api:
         record = await self._authenticate(request)
         return self._state(await self.service.background(record.id))
 
+    async def progress(self, request: Request) -> Response:
+        return await self._call_event(request, decline=False)
+
+    async def decline(self, request: Request) -> Response:
+        return await self._call_event(request, decline=True)
+
+    async def _call_event(self, request: Request, *, decline: bool) -> Response:
+        """Feed the call first (the caller hears it sooner), then count as heard from."""
+        record = await self._authenticate(request)
+        call_ref = str(request.path_params["call"])
+        fed = False
+        if self.calls is not None and _CALL_REF_RE.fullmatch(call_ref):
+            control = self.calls.decline if decline else self.calls.progress
+            fed = control(record.id, call_ref)
+        await self.service.touch(record.id)
+        if not fed:
+            return problem_response(problems.NOT_FOUND, "No such ringing call.")
+        return Response(status_code=204, headers={"Cache-Control": "no-store"})
+
     async def instance(self, request: Request) -> Response:
         handlers = {"GET": self.get, "HEAD": self.get, "PATCH": self.patch, "DELETE": self.delete}
         return await handlers[request.method](request)
@@ -510,6 +546,7 @@ def build_app(
     ready: Callable[[], bool],
     expires: ExpiresPolicy | None = None,
     clock: Callable[[], float] = trio.current_time,
+    calls: CallControl | None = None,
 ) -> Starlette:
     """The HTTPS API app.
 
@@ -520,6 +557,8 @@ def build_app(
         expires: REGISTER expiry bounds for ``sip.expires`` (config ``registrar.*``);
             the documented defaults (600 within 60..7200) when None.
         clock: the rate limiter's clock (seconds, monotonic).
+        calls: the call layer behind …/calls/{call}/progress and …/decline; when None those
+            answer 404 (no call is known).
     """
     api = _Api(
         service=service,
@@ -531,6 +570,7 @@ def build_app(
             burst=config.create_rate.burst,
             clock=clock,
         ),
+        calls=calls,
     )
     routes = [
         Route(INSTANCES_PATH, _guarded(api.create), methods=["POST"]),
@@ -547,6 +587,16 @@ def build_app(
         Route(
             INSTANCES_PATH + "/{id}/background",
             _guarded(api.background),
+            methods=["POST"],
+        ),
+        Route(
+            INSTANCES_PATH + "/{id}/calls/{call}/progress",
+            _guarded(api.progress),
+            methods=["POST"],
+        ),
+        Route(
+            INSTANCES_PATH + "/{id}/calls/{call}/decline",
+            _guarded(api.decline),
             methods=["POST"],
         ),
         Route("/healthz", _guarded(api.healthz), methods=["GET"]),

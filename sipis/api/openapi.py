@@ -312,6 +312,13 @@ _BODY_ERRORS: Final = {
     "415": _problem("unsupported-media-type"),
 }
 _BEARER: Final[list[dict[str, list[str]]]] = [{"bearer": []}]
+_CALL_REF: Final = {
+    "name": "call",
+    "in": "path",
+    "required": True,
+    "description": "The call ref: the push payload's sipis.call.",
+    "schema": {"type": "string", "pattern": "^[A-Za-z0-9._~-]{1,128}$"},
+}
 
 
 def _state_op(summary: str, operation_id: str) -> dict[str, Any]:
@@ -323,6 +330,25 @@ def _state_op(summary: str, operation_id: str) -> dict[str, Any]:
         "responses": {
             "200": _json_body(_ref("Instance"), "The instance's state."),
             **_AUTH_ERRORS,
+        },
+    }
+
+
+def _call_op(summary: str, operation_id: str) -> dict[str, Any]:
+    return {
+        "summary": summary,
+        "operationId": operation_id,
+        "security": _BEARER,
+        "parameters": [_INSTANCE_ID, _CALL_REF],
+        "responses": {
+            "204": {"description": "Done: the call was ringing for this instance."},
+            "401": _problem("unauthorized"),
+            "404": {
+                "description": "No such instance, or no such call ringing for it (unknown, "
+                "finished, or another instance's call).",
+                "content": {_PROBLEM: {"schema": _ref("Problem")}},
+            },
+            "500": _problem("internal"),
         },
     }
 
@@ -389,6 +415,20 @@ _PATHS: Final[dict[str, Any]] = {
     "/v1/instances/{id}/background": {
         "post": _state_op(
             "The app went to the background: sipis registers again.", "backgroundInstance"
+        )
+    },
+    "/v1/instances/{id}/calls/{call}/progress": {
+        "post": _call_op(
+            "Fast channel: the device is waking up. The caller hears 180 "
+            "Device-Making-Progress; the ring timer stops and the progress timer starts "
+            "(counts as heard from the device).",
+            "callProgress",
+        )
+    },
+    "/v1/instances/{id}/calls/{call}/decline": {
+        "post": _call_op(
+            "The user declined: 603 Decline upstream (counts as heard from the device).",
+            "callDecline",
         )
     },
     "/healthz": {

@@ -26,7 +26,7 @@ from hypercorn.trio import serve
 from hypercorn.trio.tcp_server import TCPServer
 from starlette.types import Receive, Scope, Send
 
-from sipis.api.app import ApiSettings, build_app
+from sipis.api.app import ApiSettings, CallControl, build_app
 from sipis.api.schemas import ExpiresPolicy
 from sipis.api.tls import ALPN_PROTOCOLS, ssl_context_for
 from sipis.instances import InstanceServiceAPI
@@ -154,6 +154,8 @@ class ApiServer:
         cert_file, key_file: PEM certificate chain and key; both None serves plain HTTP
             (api.tls.enabled: false).
         expires: REGISTER expiry bounds for create bodies (config ``registrar.*``).
+        calls: the call layer behind the fast-channel routes (progress, decline); None
+            answers them 404.
     """
 
     def __init__(
@@ -165,11 +167,14 @@ class ApiServer:
         cert_file: Path | str | None = None,
         key_file: Path | str | None = None,
         expires: ExpiresPolicy | None = None,
+        calls: CallControl | None = None,
     ) -> None:
         if (cert_file is None) != (key_file is None):
             raise ValueError("cert_file and key_file go together")
         self.config = config
-        self.app = build_app(service=service, config=config, ready=ready, expires=expires)
+        self.app = build_app(
+            service=service, config=config, ready=ready, expires=expires, calls=calls
+        )
         self._in_flight = _InFlight(self.app)
         self.cert_file = cert_file
         self.key_file = key_file

@@ -151,6 +151,28 @@ class FakeInstanceService:
         )
 
 
+@attrs.define
+class FakeCallControl:
+    """CallControl over a set of ringing (instance id, call ref) pairs; records every call.
+
+    A decline ends the call (it stops ringing); progress leaves it ringing.
+    """
+
+    ringing: set[tuple[str, str]] = attrs.Factory(set)
+    events: list[tuple[str, str, str]] = attrs.Factory(list)
+
+    def progress(self, instance_id: str, call_ref: str) -> bool:
+        self.events.append(("progress", instance_id, call_ref))
+        return (instance_id, call_ref) in self.ringing
+
+    def decline(self, instance_id: str, call_ref: str) -> bool:
+        self.events.append(("decline", instance_id, call_ref))
+        if (instance_id, call_ref) not in self.ringing:
+            return False
+        self.ringing.discard((instance_id, call_ref))
+        return True
+
+
 def make_record(new: NewInstance, *, number: int, now: float) -> tuple[InstanceRecord, str]:
     """The record (and secret) the fake service stores for `new`."""
     instance_id = f"inst{number:04d}"

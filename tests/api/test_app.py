@@ -20,6 +20,7 @@ from sipis.config import ApiConfig
 from sipis.instances import ProviderRejected
 from tests.api.fakes import (
     START_TIME,
+    FakeCallControl,
     FakeInstanceService,
     api_config,
     rejected,
@@ -48,6 +49,7 @@ class Harness:
     client: httpx.AsyncClient
     ready: list[bool]
     seen: list[str] = attrs.Factory(list)
+    calls: FakeCallControl = attrs.Factory(FakeCallControl)
 
     async def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         response = await self.client.request(method, url, **kwargs)
@@ -67,17 +69,21 @@ def bearer(secret: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {secret}"}
 
 
-async def harness(config: ApiConfig | None = None, **service: Any) -> AsyncIterator[Harness]:
+async def harness(
+    config: ApiConfig | None = None, *, with_calls: bool = True, **service: Any
+) -> AsyncIterator[Harness]:
     fake = FakeInstanceService(**service)
+    calls = FakeCallControl()
     ready = [True]
     app = build_app(
         service=fake,
         config=config or api_config(),
         ready=lambda: ready[0],
         expires=ExpiresPolicy(default=600, minimum=60, maximum=7200),
+        calls=calls if with_calls else None,
     )
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE) as client:
-        yield Harness(service=fake, client=client, ready=ready)
+        yield Harness(service=fake, client=client, ready=ready, calls=calls)
 
 
 @pytest.fixture
@@ -408,6 +414,121 @@ async def test_no_response_ever_holds_the_password_or_the_full_token(h: Harness)
         assert "verifier" not in text
     # The secret appears exactly once: in the 201 body.
     assert sum(secret in text for text in h.seen) == 1
+
+
+# --- fast channel: progress and decline -----------------------------------------------------
+
+
+def call_url(instance_id: str, call_ref: str, action: str) -> str:
+    return f"/v1/instances/{instance_id}/calls/{call_ref}/{action}"
+
+
+@pytest.mark.parametrize("action", ["progress", "decline"])
+async def test_a_ringing_call_answers_204_and_counts_as_heard_from(
+    h: Harness, action: str
+) -> None:
+    """The call layer gets (instance id, call ref); the instance is touched; no body."""
+    instance_id, secret = await h.created()
+    h.calls.ringing.add((instance_id, "c0ffee01"))
+    h.service.now = START_TIME + 600
+    response = await h.request("POST", call_url(instance_id, "c0ffee01", action),
+                               headers=bearer(secret))
+    assert response.status_code == 204, response.text
+    assert response.content == b""
+    assert response.headers["cache-control"] == "no-store"
+    assert h.calls.events == [(action, instance_id, "c0ffee01")]
+    assert ("touch", instance_id) in h.service.calls
+    assert h.service.records[instance_id].last_heard_at == START_TIME + 600
+
+
+@pytest.mark.parametrize("action", ["progress", "decline"])
+async def test_an_unknown_call_is_404_and_still_counts_as_heard_from(
+    h: Harness, action: str
+) -> None:
+    """Unknown (or already finished) call refs: 404 problem; the device was heard from."""
+    instance_id, secret = await h.created()
+    response = await h.request("POST", call_url(instance_id, "deadbeef", action),
+                               headers=bearer(secret))
+    assert_problem(response, 404, "not-found")
+    assert ("touch", instance_id) in h.service.calls
+
+
+async def test_a_declined_call_no_longer_rings_so_a_second_decline_is_404(h: Harness) -> None:
+    """The fast channel only acts on calls still ringing."""
+    instance_id, secret = await h.created()
+    h.calls.ringing.add((instance_id, "c1"))
+    url = call_url(instance_id, "c1", "decline")
+    assert (await h.request("POST", url, headers=bearer(secret))).status_code == 204
+    assert_problem(await h.request("POST", url, headers=bearer(secret)), 404, "not-found")
+
+
+@pytest.mark.parametrize("action", ["progress", "decline"])
+async def test_another_instances_call_is_404_like_an_unknown_one(
+    h: Harness, action: str
+) -> None:
+    """Authenticated as A, B's ringing call is not found, not touched, and B is untouched."""
+    first, first_secret = await h.created()
+    second, _ = await h.created()
+    h.calls.ringing.add((second, "b0b0"))
+    response = await h.request("POST", call_url(first, "b0b0", action),
+                               headers=bearer(first_secret))
+    problem = assert_problem(response, 404, "not-found")
+    unknown = await h.request("POST", call_url(first, "nope", action),
+                              headers=bearer(first_secret))
+    assert problem["detail"] == unknown.json()["detail"]
+    assert (second, "b0b0") in h.calls.ringing
+    assert ("touch", second) not in h.service.calls
+
+
+@pytest.mark.parametrize("action", ["progress", "decline"])
+async def test_call_routes_need_the_instance_secret(h: Harness, action: str) -> None:
+    """No header or a wrong secret: 401 and the call layer is never asked."""
+    instance_id, secret = await h.created()
+    h.calls.ringing.add((instance_id, "c1"))
+    url = call_url(instance_id, "c1", action)
+    assert_problem(await h.request("POST", url), 401, "unauthorized")
+    wrong = await h.request("POST", url, headers=bearer(secret + "x"))
+    assert_problem(wrong, 401, "unauthorized")
+    assert 'error="invalid_token"' in wrong.headers["www-authenticate"]
+    assert h.calls.events == []
+    assert ("touch", instance_id) not in h.service.calls
+
+
+@pytest.mark.parametrize("instance_id", ["inst9999", "a" * 129])
+async def test_call_routes_for_an_unknown_instance_are_404(h: Harness, instance_id: str) -> None:
+    """The instance is checked before the call layer is asked."""
+    response = await h.request("POST", call_url(instance_id, "c1", "progress"),
+                               headers=bearer("s"))
+    assert_problem(response, 404, "not-found")
+    assert h.calls.events == []
+
+
+async def test_an_impossible_call_ref_is_404_without_asking_the_call_layer(h: Harness) -> None:
+    """Refs outside the token alphabet or too long cannot exist."""
+    instance_id, secret = await h.created()
+    for ref in ("a" * 129, "bad%20ref"):
+        response = await h.request("POST", call_url(instance_id, ref, "decline"),
+                                   headers=bearer(secret))
+        assert_problem(response, 404, "not-found")
+    assert h.calls.events == []
+
+
+async def test_without_a_call_layer_the_call_routes_answer_404() -> None:
+    """build_app's default (calls=None): authenticated, heard from, but no call is known."""
+    async for h in harness(with_calls=False):
+        instance_id, secret = await h.created()
+        for action in ("progress", "decline"):
+            response = await h.request("POST", call_url(instance_id, "c1", action),
+                                       headers=bearer(secret))
+            assert_problem(response, 404, "not-found")
+        assert ("touch", instance_id) in h.service.calls
+
+
+async def test_call_routes_only_take_post(h: Harness) -> None:
+    """GET on a fast-channel route is 405 with Allow: POST."""
+    response = await h.request("GET", call_url("inst0001", "c1", "progress"))
+    assert_problem(response, 405, "method-not-allowed")
+    assert response.headers["allow"] == "POST"
 
 
 # --- errors from outside the endpoints ------------------------------------------------------

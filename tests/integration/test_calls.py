@@ -170,3 +170,94 @@ async def test_caller_cancels_while_ringing_487_and_call_ended_push(
     assert call.push_type == "voip"
     assert ended.sipis["type"] == "call-ended"
     assert ended.sipis["reason"] == "answered-elsewhere"
+
+
+async def _ringing_call_ref(apns: ApnsServer) -> str:
+    """The call ref of the first call push (its ``sipis.call``), once APNs has it."""
+    with trio.fail_after(5):
+        await apns.wait_received(1)
+        while not apns.pushes:
+            await trio.sleep(0.01)
+    ref = apns.pushes[0].sipis["call"]
+    assert isinstance(ref, str) and ref
+    return ref
+
+
+async def test_progress_sends_180_making_progress_and_swaps_the_ring_timer_for_t2(
+    tmp_path: Path, kamailio_factory: Any, caller_factory: Any
+) -> None:
+    """POST …/progress → 204 and 180 Device-Making-Progress; T1 (2 s) no longer ends the
+    call, T2 (6 s) does: 480 No-Response-From-Device after ~6 s; then the call is gone (404)."""
+    kamailio = kamailio_factory(fix_nated_register=True, fr_inv_timer=30000)
+    key = TestKey.generate()
+    apns = ApnsServer(public_key=key.public_key)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(apns.run)
+        async with running_daemon(tmp_path, push=live_apns(apns, key, tmp_path),
+                                  calls={"ring_timeout": "2s", "progress_timeout": "6s"}) as d:
+            resp = await d.create(instance_body(kamailio, transport="udp",
+                                                push={"token": os.urandom(32).hex()}))
+            assert resp.status_code == 201, resp.text
+            body = resp.json()
+            auth = {"authorization": f"Bearer {body['secret']}"}
+            caller = caller_factory(kamailio.address, domain=kamailio.domain)
+            run = caller.start(Scenario.REJECTED, to_user="alice", timeout=20)
+            ref = await _ringing_call_ref(apns)
+            url = f"/v1/instances/{body['id']}/calls/{ref}/progress"
+            progressed = await d.client.post(url, headers=auth)
+            assert progressed.status_code == 204, progressed.text
+            trace = await trio.to_thread.run_sync(run.wait)
+            assert trace.ok, trace.describe()
+            assert d.daemon.calls is not None
+            assert d.daemon.calls.outcomes["missed"] == 1
+            ended = await d.client.post(url, headers=auth)
+            assert ended.status_code == 404, ended.text
+        nursery.cancel_scope.cancel()
+
+    assert trace.statuses()[-1] == 480, trace.describe()
+    push_statuses = trace.header_values("X-Sipis-Push-Status", status=180)
+    assert push_statuses[0] == "Alerting-Device", trace.describe()
+    assert push_statuses[-1] == "Device-Making-Progress", trace.describe()
+    assert trace.header_values("X-Sipis-Reason", status=480) == ["No-Response-From-Device"]
+    delay = trace.delay(480)
+    # T1 alone would end it at ~2 s; progress came within ~1 s, so T2 ends it at ~6-7 s.
+    assert delay is not None and 5.5 < delay < 10, trace.describe()
+
+
+async def test_decline_answers_603_upstream_at_once(
+    tmp_path: Path, kamailio_factory: Any, caller_factory: Any
+) -> None:
+    """POST …/decline → 204, the caller gets 603 Decline long before T1, outcome declined,
+    no call-ended push (the declining device knows); a second decline is 404."""
+    kamailio = kamailio_factory(fix_nated_register=True, fr_inv_timer=30000)
+    key = TestKey.generate()
+    apns = ApnsServer(public_key=key.public_key)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(apns.run)
+        async with running_daemon(tmp_path, push=live_apns(apns, key, tmp_path),
+                                  calls={"ring_timeout": "10s"}) as d:
+            resp = await d.create(instance_body(kamailio, transport="udp",
+                                                push={"token": os.urandom(32).hex()}))
+            assert resp.status_code == 201, resp.text
+            body = resp.json()
+            auth = {"authorization": f"Bearer {body['secret']}"}
+            caller = caller_factory(kamailio.address, domain=kamailio.domain)
+            run = caller.start(Scenario.REJECTED, to_user="alice", timeout=15,
+                               final_statuses=[603])
+            ref = await _ringing_call_ref(apns)
+            url = f"/v1/instances/{body['id']}/calls/{ref}/decline"
+            declined = await d.client.post(url, headers=auth)
+            assert declined.status_code == 204, declined.text
+            trace = await trio.to_thread.run_sync(run.wait)
+            assert trace.ok, trace.describe()
+            assert d.daemon.calls is not None
+            assert d.daemon.calls.outcomes["declined"] == 1
+            again = await d.client.post(url, headers=auth)
+            assert again.status_code == 404, again.text
+            await trio.sleep(0.3)
+            assert len(apns.pushes) == 1, [p.sipis for p in apns.pushes]
+        nursery.cancel_scope.cancel()
+
+    assert trace.statuses()[-1] == 603, trace.describe()
+    delay = trace.delay(603)
+    assert delay is not None and delay < 5, trace.describe()
