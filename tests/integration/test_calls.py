@@ -12,6 +12,7 @@ import trio
 from tests.integration.harness import instance_body, running_daemon
 from tests.peers.apns_server import KEY_ID, TEAM_ID, ApnsServer, TestKey
 from tests.peers.caller import Scenario
+from tests.peers.fcm_server import FcmServer, ServiceAccountKey
 
 pytestmark = pytest.mark.kamailio
 
@@ -22,6 +23,15 @@ def live_apns(apns: ApnsServer, key: TestKey, directory: Path) -> dict[str, Any]
         "apns": {"team_id": TEAM_ID, "key_id": KEY_ID, "key_file": str(key.write(directory)),
                  "production_url": apns.url, "sandbox_url": apns.url,
                  "ca_file": str(apns.write_ca(directory))},
+    }
+
+
+def live_fcm(fcm: FcmServer, account: ServiceAccountKey, directory: Path) -> dict[str, Any]:
+    sa_file = account.write(directory / "sa.json", token_uri=fcm.token_uri)
+    return {
+        "provider": "live",
+        "fcm": {"service_account_file": str(sa_file), "url": fcm.url,
+                "ca_file": str(fcm.write_ca(directory / "fcm-ca.pem"))},
     }
 
 
@@ -261,3 +271,337 @@ async def test_decline_answers_603_upstream_at_once(
     assert trace.statuses()[-1] == 603, trace.describe()
     delay = trace.delay(603)
     assert delay is not None and delay < 5, trace.describe()
+
+
+async def test_woken_android_phone_gets_an_fcm_data_push_and_answers(
+    tmp_path: Path, kamailio_factory: Any, caller_factory: Any, phone_factory: Any
+) -> None:
+    """An FCM instance: a high-priority data message with the SPEC keys as strings, then the
+    phone REGISTERs, answers, and the caller's BYE passes through sipis."""
+    from tests.peers.phone import AsyncPhone
+
+    kamailio = kamailio_factory(fix_nated_register=True, fr_inv_timer=30000)
+    account = ServiceAccountKey.generate()
+    fcm = FcmServer(account)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fcm.run)
+        async with running_daemon(tmp_path, push=live_fcm(fcm, account, tmp_path),
+                                  calls={"ring_timeout": "10s"}) as d:
+            token = "fcm-token-" + os.urandom(16).hex()
+            resp = await d.create(instance_body(kamailio, transport="udp",
+                                                push={"provider": "fcm", "token": token}))
+            assert resp.status_code == 201, resp.text
+            body = resp.json()
+            caller = caller_factory(kamailio.address, domain=kamailio.domain)
+            run = caller.start(Scenario.CALL, to_user="alice", timeout=20, hold_ms=300)
+            with trio.fail_after(5):
+                while not fcm.accepted:
+                    await trio.sleep(0.01)
+            phone = AsyncPhone(phone_factory())
+            device = body["device"]
+            await phone.register(device["registrar"].replace(";transport=tcp", ""),
+                                 device["username"], body["secret"], realm=device["realm"],
+                                 transport="udp", auto_answer=[200])
+            trace = await trio.to_thread.run_sync(run.wait)
+            assert trace.ok, trace.describe()
+            assert d.daemon.calls is not None
+            assert d.daemon.calls.outcomes["answered"] == 1
+        nursery.cancel_scope.cancel()
+    assert 200 in trace.statuses()
+    assert trace.statuses("BYE") == [200]
+    message = fcm.accepted[0]
+    assert message.token == token
+    assert message.android["priority"].lower() == "high"
+    data = message.data
+    assert all(isinstance(v, str) for v in data.values())
+    assert data["type"] == "call"
+    assert data["instance"] == body["id"]
+    assert data["call"]
+    assert data["from_uri"].startswith("sip:caller@")
+    assert data["to_uri"] == f"sip:alice@{kamailio.domain}"
+    assert data["sip_call_id"]
+    assert int(data["sent_at"]) > 0
+
+
+async def test_call_over_a_tcp_registration_flow_is_answered(
+    tmp_path: Path, kamailio_factory: Any, caller_factory: Any, phone_factory: Any
+) -> None:
+    """sipis registers to Kamailio over TCP; Kamailio (fix_nated_register) sends the INVITE
+    over that flow; the woken phone answers and the BYE passes."""
+    from tests.peers.phone import AsyncPhone
+
+    kamailio = kamailio_factory(fix_nated_register=True, fr_inv_timer=30000)
+    key = TestKey.generate()
+    apns = ApnsServer(public_key=key.public_key)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(apns.run)
+        async with running_daemon(tmp_path, push=live_apns(apns, key, tmp_path),
+                                  calls={"ring_timeout": "10s"}) as d:
+            resp = await d.create(instance_body(kamailio, transport="tcp",
+                                                push={"token": os.urandom(32).hex()}))
+            assert resp.status_code == 201, resp.text
+            body = resp.json()
+            assert [b.transport for b in kamailio.location("alice")] == ["tcp"]
+            caller = caller_factory(kamailio.address, domain=kamailio.domain)
+            run = caller.start(Scenario.CALL, to_user="alice", timeout=20, hold_ms=300)
+            with trio.fail_after(5):
+                await apns.wait_received(1)
+            phone = AsyncPhone(phone_factory())
+            device = body["device"]
+            await phone.register(device["registrar"].replace(";transport=tcp", ""),
+                                 device["username"], body["secret"], realm=device["realm"],
+                                 transport="udp", auto_answer=[200])
+            incoming = await phone.wait_incoming_call(timeout=10)
+            trace = await trio.to_thread.run_sync(run.wait)
+            assert trace.ok, trace.describe()
+            assert d.daemon.calls is not None
+            assert d.daemon.calls.outcomes["answered"] == 1
+        nursery.cancel_scope.cancel()
+    assert 200 in trace.statuses()
+    assert trace.statuses("BYE") == [200]
+    # Kamailio's Via (below sipis's) says the INVITE reached sipis over TCP.
+    vias = [v for value in incoming.header_values("Via") for v in value.split(",")]
+    assert any(v.strip().upper().startswith("SIP/2.0/TCP") for v in vias), vias
+
+
+async def test_phone_hangs_up_and_its_bye_reaches_the_caller_through_sipis(
+    tmp_path: Path, kamailio_factory: Any, caller_factory: Any, phone_factory: Any
+) -> None:
+    """The answered phone sends the BYE: routed by sipis's Record-Route to Kamailio and on to
+    the caller, whose 200 comes back to the phone."""
+    from tests.peers.phone import AsyncPhone
+
+    kamailio = kamailio_factory(fix_nated_register=True, fr_inv_timer=30000)
+    key = TestKey.generate()
+    apns = ApnsServer(public_key=key.public_key)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(apns.run)
+        async with running_daemon(tmp_path, push=live_apns(apns, key, tmp_path),
+                                  calls={"ring_timeout": "10s"}) as d:
+            resp = await d.create(instance_body(kamailio, transport="udp",
+                                                push={"token": os.urandom(32).hex()}))
+            assert resp.status_code == 201, resp.text
+            body = resp.json()
+            caller = caller_factory(kamailio.address, domain=kamailio.domain)
+            run = caller.start(Scenario.CALLEE_HANGS_UP, to_user="alice", timeout=20)
+            with trio.fail_after(5):
+                await apns.wait_received(1)
+            phone = AsyncPhone(phone_factory())
+            device = body["device"]
+            await phone.register(device["registrar"].replace(";transport=tcp", ""),
+                                 device["username"], body["secret"], realm=device["realm"],
+                                 transport="udp", auto_answer=[200])
+            await phone.wait_incoming_call(timeout=10)
+            await phone.wait_call_state("CONFIRMED", timeout=5)
+            await phone.hangup()
+            ended = await phone.wait_call_state("DISCONNECTED", timeout=5)
+            trace = await trio.to_thread.run_sync(run.wait)
+            assert trace.ok, trace.describe()
+            assert d.daemon.calls is not None
+            assert d.daemon.calls.outcomes["answered"] == 1
+        nursery.cancel_scope.cancel()
+    assert 200 in trace.statuses()
+    assert [m.method for m in trace.messages if m.direction == "received"
+            and not m.is_response] == ["BYE"], trace.describe()
+    assert ended.last_status == 200, ended
+
+
+async def test_phone_already_registered_gets_the_invite_at_once_without_a_push(
+    tmp_path: Path, kamailio_factory: Any, caller_factory: Any, phone_factory: Any
+) -> None:
+    """A live device binding before the call: the INVITE goes straight to the phone, which
+    answers; APNs hears nothing."""
+    from tests.peers.phone import AsyncPhone
+
+    kamailio = kamailio_factory(fix_nated_register=True, fr_inv_timer=30000)
+    key = TestKey.generate()
+    apns = ApnsServer(public_key=key.public_key)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(apns.run)
+        async with running_daemon(tmp_path, push=live_apns(apns, key, tmp_path),
+                                  calls={"ring_timeout": "10s"}) as d:
+            resp = await d.create(instance_body(kamailio, transport="udp",
+                                                push={"token": os.urandom(32).hex()}))
+            assert resp.status_code == 201, resp.text
+            body = resp.json()
+            phone = AsyncPhone(phone_factory())
+            device = body["device"]
+            await phone.register(device["registrar"].replace(";transport=tcp", ""),
+                                 device["username"], body["secret"], realm=device["realm"],
+                                 transport="udp", auto_answer=[200])
+            await phone.wait_registered(timeout=5)
+            caller = caller_factory(kamailio.address, domain=kamailio.domain)
+            run = caller.start(Scenario.CALL, to_user="alice", timeout=20, hold_ms=300)
+            incoming = await phone.wait_incoming_call(timeout=5)
+            trace = await trio.to_thread.run_sync(run.wait)
+            assert trace.ok, trace.describe()
+            assert d.daemon.calls is not None
+            assert d.daemon.calls.outcomes["answered"] == 1
+            await trio.sleep(0.3)
+        nursery.cancel_scope.cancel()
+    assert trace.statuses("BYE") == [200]
+    assert incoming.request_uri.startswith("sip:"), incoming
+    assert "Push-Notification-Sent" not in trace.header_values("X-Sipis-Push-Status")
+    delay = trace.delay(200)
+    assert delay is not None and delay < 2, trace.describe()
+    assert apns.pushes == [] and apns.answers == [], apns.answers
+
+
+async def test_two_calls_to_one_instance_at_once_are_both_delivered_and_answered(
+    tmp_path: Path, kamailio_factory: Any, caller_factory: Any, phone_factory: Any
+) -> None:
+    """Two INVITEs ring the same instance together: two call pushes; the phone's one
+    REGISTER wakes both, both reach it and both are answered."""
+    from tests.peers.phone import AsyncPhone
+
+    kamailio = kamailio_factory(fix_nated_register=True, fr_inv_timer=30000)
+    key = TestKey.generate()
+    apns = ApnsServer(public_key=key.public_key)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(apns.run)
+        async with running_daemon(tmp_path, push=live_apns(apns, key, tmp_path),
+                                  calls={"ring_timeout": "10s"}) as d:
+            resp = await d.create(instance_body(kamailio, transport="udp",
+                                                push={"token": os.urandom(32).hex()}))
+            assert resp.status_code == 201, resp.text
+            body = resp.json()
+            first = caller_factory(kamailio.address, domain=kamailio.domain)
+            second = caller_factory(kamailio.address, domain=kamailio.domain, from_user="bob")
+            runs = [first.start(Scenario.CALL, to_user="alice", timeout=20, hold_ms=500),
+                    second.start(Scenario.CALL, to_user="alice", timeout=20, hold_ms=500)]
+            with trio.fail_after(5):
+                await apns.wait_received(2)
+            phone = AsyncPhone(phone_factory())
+            device = body["device"]
+            await phone.register(device["registrar"].replace(";transport=tcp", ""),
+                                 device["username"], body["secret"], realm=device["realm"],
+                                 transport="udp", auto_answer=[200])
+            calls = [await phone.wait_incoming_call(timeout=10) for _ in runs]
+            traces = [await trio.to_thread.run_sync(run.wait) for run in runs]
+            for trace in traces:
+                assert trace.ok, trace.describe()
+            assert d.daemon.calls is not None
+            assert d.daemon.calls.outcomes["answered"] == 2
+        nursery.cancel_scope.cancel()
+    assert len({c.call_id for c in calls}) == 2
+    assert {(c.header("From") or "").split(">")[0] for c in calls} == {
+        f"<sip:caller@{kamailio.domain}", f"<sip:bob@{kamailio.domain}"}
+    for trace in traces:
+        assert trace.statuses("BYE") == [200], trace.describe()
+    assert [p.sipis["type"] for p in apns.pushes] == ["call", "call"]
+    assert len({p.sipis["call"] for p in apns.pushes}) == 2
+
+
+async def test_apns_410_unregistered_is_480_and_the_wipe_unregisters_at_kamailio(
+    tmp_path: Path, kamailio_factory: Any, caller_factory: Any
+) -> None:
+    """APNs 410 Unregistered → 480 Push-Token-Invalid; the instance is gone (404 with its
+    old secret) and its binding is removed from Kamailio (the wipe unREGISTERs)."""
+    from tests.peers.apns_server import Reply
+
+    kamailio = kamailio_factory(fix_nated_register=True, fr_inv_timer=30000)
+    key = TestKey.generate()
+    apns = ApnsServer(public_key=key.public_key)
+    apns.reply_next(Reply(410, "Unregistered"))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(apns.run)
+        async with running_daemon(tmp_path, push=live_apns(apns, key, tmp_path),
+                                  calls={"ring_timeout": "5s"}) as d:
+            resp = await d.create(instance_body(kamailio, transport="udp",
+                                                push={"token": os.urandom(32).hex()}))
+            assert resp.status_code == 201, resp.text
+            body = resp.json()
+            assert len(kamailio.location("alice")) == 1
+            caller = caller_factory(kamailio.address, domain=kamailio.domain)
+            trace = await caller.run_async(Scenario.REJECTED, to_user="alice", timeout=15)
+            assert trace.ok, trace.describe()
+            got = await d.client.get(f"/v1/instances/{body['id']}",
+                                     headers={"authorization": f"Bearer {body['secret']}"})
+            assert got.status_code == 404, got.text
+            with trio.fail_after(5):
+                while kamailio.location("alice"):
+                    await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+    assert trace.header_values("X-Sipis-Reason", status=480) == ["Push-Token-Invalid"]
+    assert [a.status for a in apns.answers] == [410]
+    assert apns.pushes == []
+
+
+async def test_apns_429_then_200_still_rings_with_one_accepted_call_push(
+    tmp_path: Path, kamailio_factory: Any, caller_factory: Any
+) -> None:
+    """APNs answers 429 TooManyRequests (Retry-After 1) and then 200: the push is retried,
+    the caller gets Push-Notification-Sent, and exactly one call push was accepted."""
+    from tests.peers.apns_server import Reply
+
+    kamailio = kamailio_factory(fix_nated_register=True, fr_inv_timer=30000)
+    key = TestKey.generate()
+    apns = ApnsServer(public_key=key.public_key)
+    apns.reply_next(Reply(429, "TooManyRequests", retry_after=1))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(apns.run)
+        async with running_daemon(tmp_path, push=live_apns(apns, key, tmp_path),
+                                  calls={"ring_timeout": "3s"}) as d:
+            resp = await d.create(instance_body(kamailio, transport="udp",
+                                                push={"token": os.urandom(32).hex()}))
+            assert resp.status_code == 201, resp.text
+            caller = caller_factory(kamailio.address, domain=kamailio.domain)
+            trace = await caller.run_async(Scenario.REJECTED, to_user="alice", timeout=15)
+            assert trace.ok, trace.describe()
+            with trio.fail_after(5):
+                await apns.wait_received(3)  # 429, the retried call push, call-ended
+            assert d.daemon.calls is not None
+            assert d.daemon.calls.outcomes["missed"] == 1
+        nursery.cancel_scope.cancel()
+    assert trace.header_values("X-Sipis-Push-Status", status=180)[:2] == [
+        "Alerting-Device", "Push-Notification-Sent"], trace.describe()
+    assert trace.header_values("X-Sipis-Reason", status=480) == ["No-Response-From-Device"]
+    sent = next(m for m in trace.responses if m.status == 180
+                and m.header("X-Sipis-Push-Status") == "Push-Notification-Sent")
+    assert 0.9 < sent.time - trace.messages[0].time < 3, trace.describe()  # Retry-After 1
+    assert [a.status for a in apns.answers] == [429, 200, 200]
+    assert [p.sipis["type"] for p in apns.pushes] == ["call", "call-ended"]
+
+
+async def test_caller_cancels_after_the_invite_reached_the_phone_487_and_the_phone_stops(
+    tmp_path: Path, kamailio_factory: Any, caller_factory: Any, phone_factory: Any
+) -> None:
+    """The woken phone rings (180); the caller's CANCEL is passed on by sipis: the phone's
+    call ends (487 to its INVITE) and the caller gets 487."""
+    from tests.peers.phone import AsyncPhone
+
+    kamailio = kamailio_factory(fix_nated_register=True, fr_inv_timer=30000)
+    key = TestKey.generate()
+    apns = ApnsServer(public_key=key.public_key)
+    phone = AsyncPhone(phone_factory())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(apns.run)
+        async with running_daemon(tmp_path, push=live_apns(apns, key, tmp_path),
+                                  calls={"ring_timeout": "10s"}) as d:
+            resp = await d.create(instance_body(kamailio, transport="udp",
+                                                push={"token": os.urandom(32).hex()}))
+            assert resp.status_code == 201, resp.text
+            body = resp.json()
+            caller = caller_factory(kamailio.address, domain=kamailio.domain)
+            run = caller.start(Scenario.CANCEL, to_user="alice", timeout=15,
+                               cancel_after_ms=2000)
+            with trio.fail_after(5):
+                await apns.wait_received(1)
+            device = body["device"]
+            await phone.register(device["registrar"].replace(";transport=tcp", ""),
+                                 device["username"], body["secret"], realm=device["realm"],
+                                 transport="udp", auto_answer=[180])
+            await phone.wait_incoming_call(timeout=5)
+            await phone.wait_call_state("EARLY", timeout=5)
+            ended = await phone.wait_call_state("DISCONNECTED", timeout=8)
+            trace = await trio.to_thread.run_sync(run.wait)
+            assert trace.ok, trace.describe()
+        nursery.cancel_scope.cancel()
+    assert trace.statuses()[-1] == 487, trace.describe()
+    assert trace.statuses("CANCEL") == [200], trace.describe()
+    assert ended.last_status == 487, ended
+    assert ended.cause_method == "CANCEL", ended
+    # The phone's own 180 (its tag, sipis's Record-Route) reached the caller before the CANCEL.
+    ringing = [m for m in trace.responses if m.status == 180 and m.header("Record-Route")]
+    cancel = next(m for m in trace.requests_sent if m.method == "CANCEL")
+    assert ringing and ringing[0].time < cancel.time, trace.describe()
