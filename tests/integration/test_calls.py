@@ -605,3 +605,226 @@ async def test_caller_cancels_after_the_invite_reached_the_phone_487_and_the_pho
     ringing = [m for m in trace.responses if m.status == 180 and m.header("Record-Route")]
     cancel = next(m for m in trace.requests_sent if m.method == "CANCEL")
     assert ringing and ringing[0].time < cancel.time, trace.describe()
+
+
+async def test_fcm_unregistered_token_is_480_and_the_wipe_unregisters_at_kamailio(
+    tmp_path: Path, kamailio_factory: Any, caller_factory: Any
+) -> None:
+    """FCM answers UNREGISTERED for the instance's token → 480 Push-Token-Invalid; the
+    instance is gone (404 with its old secret) and its binding is removed from Kamailio."""
+    kamailio = kamailio_factory(fix_nated_register=True, fr_inv_timer=30000)
+    account = ServiceAccountKey.generate()
+    fcm = FcmServer(account)
+    token = "fcm-token-" + os.urandom(16).hex()
+    fcm.dead_tokens.add(token)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fcm.run)
+        async with running_daemon(tmp_path, push=live_fcm(fcm, account, tmp_path),
+                                  calls={"ring_timeout": "5s"}) as d:
+            resp = await d.create(instance_body(kamailio, transport="udp",
+                                                push={"provider": "fcm", "token": token}))
+            assert resp.status_code == 201, resp.text
+            body = resp.json()
+            assert len(kamailio.location("alice")) == 1
+            caller = caller_factory(kamailio.address, domain=kamailio.domain)
+            trace = await caller.run_async(Scenario.REJECTED, to_user="alice", timeout=15)
+            assert trace.ok, trace.describe()
+            got = await d.client.get(f"/v1/instances/{body['id']}",
+                                     headers={"authorization": f"Bearer {body['secret']}"})
+            assert got.status_code == 404, got.text
+            with trio.fail_after(5):
+                while kamailio.location("alice"):
+                    await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+    assert trace.header_values("X-Sipis-Reason", status=480) == ["Push-Token-Invalid"]
+    assert trace.header_values("X-Sipis-Push-Status", status=180)[:1] == ["Alerting-Device"]
+    assert fcm.accepted == []
+    assert fcm.send_requests >= 1
+
+
+async def test_caller_cancel_without_reason_before_the_phone_is_487_and_a_cancelled_push(
+    tmp_path: Path, kamailio_factory: Any, caller_factory: Any
+) -> None:
+    """A CANCEL with no Reason header while only the push is out → 487 upstream, outcome
+    cancelled, and an alert call-ended push with reason "cancelled" for the same call."""
+    kamailio = kamailio_factory(fix_nated_register=True, fr_inv_timer=30000)
+    key = TestKey.generate()
+    apns = ApnsServer(public_key=key.public_key)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(apns.run)
+        async with running_daemon(tmp_path, push=live_apns(apns, key, tmp_path),
+                                  calls={"ring_timeout": "10s"}) as d:
+            resp = await d.create(instance_body(kamailio, transport="udp",
+                                                push={"token": os.urandom(32).hex()}))
+            assert resp.status_code == 201, resp.text
+            caller = caller_factory(kamailio.address, domain=kamailio.domain)
+            trace = await caller.run_async(Scenario.CANCEL, to_user="alice", timeout=15,
+                                           cancel_after_ms=500)
+            assert trace.ok, trace.describe()
+            with trio.fail_after(5):
+                await apns.wait_received(2)
+            assert d.daemon.calls is not None
+            assert d.daemon.calls.outcomes["cancelled"] == 1
+        nursery.cancel_scope.cancel()
+    assert trace.statuses()[-1] == 487, trace.describe()
+    assert trace.statuses("CANCEL")[:1] == [200], trace.describe()
+    cancel = next(m for m in trace.requests_sent if m.method == "CANCEL")
+    assert cancel.header("Reason") is None, cancel.text
+    call, ended = apns.pushes
+    assert call.push_type == "voip"
+    assert call.sipis["type"] == "call"
+    assert ended.push_type == "alert"
+    assert ended.sipis["type"] == "call-ended"
+    assert ended.sipis["reason"] == "cancelled"
+    assert ended.sipis["call"] == call.sipis["call"]
+
+
+async def test_apns_goaway_mid_burst_every_call_push_is_delivered_exactly_once(
+    tmp_path: Path, kamailio_factory: Any, caller_factory: Any
+) -> None:
+    """Five instances called at once; APNs sends GOAWAY after the second stream. The streams
+    it did not process are retried on a new connection: each call ref is accepted exactly
+    once as a call push, and every caller hears Push-Notification-Sent before its 480."""
+    users = {f"user{i}": f"user{i}-secret-pw" for i in range(5)}
+    kamailio = kamailio_factory(fix_nated_register=True, fr_inv_timer=30000, users=users)
+    key = TestKey.generate()
+    apns = ApnsServer(public_key=key.public_key)
+    apns.goaway_after(2)
+    # Answers come 0.2 s late so the GOAWAY leaves first: with instant answers the peer
+    # closes the connection before its GOAWAY is written (see tests/peers/apns_server.py).
+    apns.delay = 0.2
+    tokens: dict[str, str] = {}
+    async with trio.open_nursery() as nursery:
+        await nursery.start(apns.run)
+        async with running_daemon(tmp_path, push=live_apns(apns, key, tmp_path),
+                                  calls={"ring_timeout": "2s"}) as d:
+            for user, password in users.items():
+                token = os.urandom(32).hex()
+                resp = await d.create(instance_body(kamailio, user=user, password=password,
+                                                    transport="udp", push={"token": token}))
+                assert resp.status_code == 201, resp.text
+                tokens[resp.json()["id"]] = token
+            runs = [caller_factory(kamailio.address, domain=kamailio.domain).start(
+                        Scenario.REJECTED, to_user=user, timeout=15) for user in users]
+            traces = [await trio.to_thread.run_sync(run.wait) for run in runs]
+            for trace in traces:
+                assert trace.ok, trace.describe()
+            with trio.fail_after(5):
+                while sum(p.sipis["type"] == "call-ended" for p in apns.pushes) < len(users):
+                    await trio.sleep(0.05)
+            assert d.daemon.calls is not None
+            assert d.daemon.calls.outcomes["missed"] == len(users)
+        nursery.cancel_scope.cancel()
+    assert apns.connections_opened >= 2  # the GOAWAY forced a second connection
+    assert [a.stream_id for a in apns.answers if a.connection_id == 1] in ([1, 3], [3, 1])
+    calls = [p for p in apns.pushes if p.sipis["type"] == "call"]
+    refs = [p.sipis["call"] for p in calls]
+    assert len(refs) == len(users) and len(set(refs)) == len(users), refs
+    assert sorted(p.token for p in calls) == sorted(tokens.values())
+    assert all(tokens[p.sipis["instance"]] == p.token for p in calls)
+    ended = [p.sipis["call"] for p in apns.pushes if p.sipis["type"] == "call-ended"]
+    assert sorted(ended) == sorted(refs)
+    for trace in traces:
+        assert "Push-Notification-Sent" in trace.header_values(
+            "X-Sipis-Push-Status", status=180), trace.describe()
+        assert trace.statuses()[-1] == 480, trace.describe()
+
+
+async def test_message_through_kamailio_is_200_and_an_alert_push_naming_the_sender(
+    tmp_path: Path, kamailio_factory: Any, caller_factory: Any
+) -> None:
+    """A MESSAGE to the AOR, relayed by Kamailio to sipis → 200 at the sender and one alert
+    push of type message with the sender's URI and, push.message_body being off, no body."""
+    kamailio = kamailio_factory(fix_nated_register=True, fr_inv_timer=30000)
+    key = TestKey.generate()
+    apns = ApnsServer(public_key=key.public_key)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(apns.run)
+        async with running_daemon(tmp_path, push=live_apns(apns, key, tmp_path)) as d:
+            resp = await d.create(instance_body(kamailio, transport="udp",
+                                                push={"token": os.urandom(32).hex()}))
+            assert resp.status_code == 201, resp.text
+            instance_id = resp.json()["id"]
+            caller = caller_factory(kamailio.address, domain=kamailio.domain, from_user="bob")
+            trace = await caller.run_async(Scenario.MESSAGE, to_user="alice", timeout=10,
+                                           body="Lunch at noon?")
+            assert trace.ok, trace.describe()
+            with trio.fail_after(5):
+                await apns.wait_received(1)
+        nursery.cancel_scope.cancel()
+    assert trace.statuses("MESSAGE")[-1] == 200, trace.describe()
+    (push,) = apns.pushes
+    assert push.push_type == "alert"
+    keys = push.sipis
+    assert keys["type"] == "message"
+    assert keys["instance"] == instance_id
+    assert keys["from_uri"] == f"sip:bob@{kamailio.domain}"
+    assert keys["to_uri"] == f"sip:alice@{kamailio.domain}"
+    assert "body" not in keys
+    assert "Lunch" not in str(push.payload)
+
+
+def _raw_request(method: str, uri: str, *, transport: str = "UDP", call_id: str | None = None,
+                 extra: str = "") -> bytes:
+    """A minimal out-of-dialog request from 127.0.0.1 (rport: answered to the source)."""
+    branch = "z9hG4bK-raw-" + os.urandom(6).hex()
+    call_id = call_id or os.urandom(8).hex()
+    return (f"{method} {uri} SIP/2.0\r\n"
+            f"Via: SIP/2.0/{transport} 127.0.0.1:5999;branch={branch};rport\r\n"
+            "Max-Forwards: 70\r\n"
+            f"From: <sip:probe@127.0.0.1>;tag={os.urandom(4).hex()}\r\n"
+            f"To: <{uri}>\r\n"
+            f"Call-ID: {call_id}\r\n"
+            f"CSeq: 1 {method}\r\n"
+            "Contact: <sip:probe@127.0.0.1:5999>\r\n"
+            f"{extra}"
+            "Content-Length: 0\r\n\r\n").encode()
+
+
+def _final_statuses(replies: list[bytes]) -> list[int]:
+    """Status codes of the final responses among raw replies (a TCP chunk may hold several)."""
+    statuses = []
+    for reply in replies:
+        for line in reply.decode("utf-8", "replace").split("\r\n"):
+            if line.startswith("SIP/2.0 "):
+                status = int(line.split(" ", 2)[1])
+                if status >= 200:
+                    statuses.append(status)
+    return statuses
+
+
+async def test_direct_requests_to_sipis_unknown_token_404_relay_403_and_garbage_survived(
+    tmp_path: Path,
+) -> None:
+    """Straight to sipis's SIP port: an INVITE for an unknown contact token → 404; one whose
+    Request-URI names another host → 403 (no open relay); garbage and a truncated request
+    over UDP and TCP get no answer or 400; afterwards OPTIONS still gets 200 on both."""
+    from tests.peers.caller import Transport, raw_sip_send_async
+
+    transports: tuple[Transport, ...] = ("udp", "tcp")
+    async with running_daemon(tmp_path) as d:
+        addr = ("127.0.0.1", d.sip_port)
+        unknown = _raw_request("INVITE", f"sip:{os.urandom(12).hex()}@127.0.0.1:{d.sip_port}")
+        replies = await raw_sip_send_async(unknown, "udp", addr, wait=1.0)
+        assert _final_statuses(replies)[:1] == [404], replies
+
+        relay = _raw_request("INVITE", "sip:bob@127.0.0.2:5099")
+        replies = await raw_sip_send_async(relay, "udp", addr, wait=1.0)
+        assert _final_statuses(replies)[:1] == [403], replies
+
+        garbage = b"\x00\xff\x13 this is not SIP at all \xfe\r\n\r\n"
+        for transport in transports:
+            wire = transport.upper()
+            truncated = _raw_request("INVITE", f"sip:x@127.0.0.1:{d.sip_port}",
+                                     transport=wire)[:90]
+            for junk in (garbage, truncated):
+                replies = await raw_sip_send_async(junk, transport, addr, wait=0.5,
+                                                   half_close=True)
+                assert set(_final_statuses(replies)) <= {400}, (transport, junk, replies)
+                assert all(r.startswith(b"SIP/2.0 400") for r in replies), replies
+
+        for transport in transports:
+            options = _raw_request("OPTIONS", f"sip:127.0.0.1:{d.sip_port}",
+                                   transport=transport.upper())
+            replies = await raw_sip_send_async(options, transport, addr, wait=0.5)
+            assert _final_statuses(replies)[:1] == [200], (transport, replies)
