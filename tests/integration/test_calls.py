@@ -35,6 +35,30 @@ def live_fcm(fcm: FcmServer, account: ServiceAccountKey, directory: Path) -> dic
     }
 
 
+async def _call_a_dead_token(tmp_path: Path, kamailio: Any, caller_factory: Any, *,
+                             push: dict[str, Any], token: dict[str, Any]) -> Any:
+    """Create an instance whose push token the provider refuses, call it with no phone, and
+    check the dead-token path: 480 Push-Token-Invalid after 180 Alerting-Device, the instance
+    gone (404 with its old secret) and its binding removed at Kamailio. Returns the trace."""
+    async with running_daemon(tmp_path, push=push, calls={"ring_timeout": "5s"}) as d:
+        resp = await d.create(instance_body(kamailio, transport="udp", push=token))
+        assert resp.status_code == 201, resp.text
+        body = resp.json()
+        assert len(kamailio.location("alice")) == 1
+        caller = caller_factory(kamailio.address, domain=kamailio.domain)
+        trace = await caller.run_async(Scenario.REJECTED, to_user="alice", timeout=15)
+        assert trace.ok, trace.describe()
+        got = await d.client.get(f"/v1/instances/{body['id']}",
+                                 headers={"authorization": f"Bearer {body['secret']}"})
+        assert got.status_code == 404, got.text
+        with trio.fail_after(5):
+            while kamailio.location("alice"):
+                await trio.sleep(0.1)
+    assert trace.header_values("X-Sipis-Reason", status=480) == ["Push-Token-Invalid"]
+    assert trace.header_values("X-Sipis-Push-Status", status=180)[:1] == ["Alerting-Device"]
+    return trace
+
+
 async def test_call_without_a_phone_pushes_rings_and_ends_480_after_the_ring_timer(
     tmp_path: Path, kamailio_factory: Any, caller_factory: Any
 ) -> None:
@@ -95,21 +119,10 @@ async def test_call_to_a_dead_push_token_is_480_and_wipes_the_instance(
     apns = ApnsServer(public_key=key.public_key)
     async with trio.open_nursery() as nursery:
         await nursery.start(apns.run)
-        async with running_daemon(tmp_path, push=live_apns(apns, key, tmp_path),
-                                  calls={"ring_timeout": "5s"}) as d:
-            resp = await d.create(instance_body(kamailio, transport="udp",
-                                                push={"token": "not-a-hex-token"}))
-            assert resp.status_code == 201, resp.text
-            body = resp.json()
-            caller = caller_factory(kamailio.address, domain=kamailio.domain)
-            trace = await caller.run_async(Scenario.REJECTED, to_user="alice", timeout=15)
-            assert trace.ok, trace.describe()
-            got = await d.client.get(f"/v1/instances/{body['id']}",
-                                     headers={"authorization": f"Bearer {body['secret']}"})
-            assert got.status_code in (401, 404), got.text
+        await _call_a_dead_token(tmp_path, kamailio, caller_factory,
+                                 push=live_apns(apns, key, tmp_path),
+                                 token={"token": "not-a-hex-token"})
         nursery.cancel_scope.cancel()
-    assert trace.header_values("X-Sipis-Reason", status=480) == ["Push-Token-Invalid"]
-    assert trace.header_values("X-Sipis-Push-Status", status=180)[:1] == ["Alerting-Device"]
 
 
 async def test_woken_phone_registers_and_the_call_is_answered_through_sipis(
@@ -505,24 +518,10 @@ async def test_apns_410_unregistered_is_480_and_the_wipe_unregisters_at_kamailio
     apns.reply_next(Reply(410, "Unregistered"))
     async with trio.open_nursery() as nursery:
         await nursery.start(apns.run)
-        async with running_daemon(tmp_path, push=live_apns(apns, key, tmp_path),
-                                  calls={"ring_timeout": "5s"}) as d:
-            resp = await d.create(instance_body(kamailio, transport="udp",
-                                                push={"token": os.urandom(32).hex()}))
-            assert resp.status_code == 201, resp.text
-            body = resp.json()
-            assert len(kamailio.location("alice")) == 1
-            caller = caller_factory(kamailio.address, domain=kamailio.domain)
-            trace = await caller.run_async(Scenario.REJECTED, to_user="alice", timeout=15)
-            assert trace.ok, trace.describe()
-            got = await d.client.get(f"/v1/instances/{body['id']}",
-                                     headers={"authorization": f"Bearer {body['secret']}"})
-            assert got.status_code == 404, got.text
-            with trio.fail_after(5):
-                while kamailio.location("alice"):
-                    await trio.sleep(0.1)
+        await _call_a_dead_token(tmp_path, kamailio, caller_factory,
+                                 push=live_apns(apns, key, tmp_path),
+                                 token={"token": os.urandom(32).hex()})
         nursery.cancel_scope.cancel()
-    assert trace.header_values("X-Sipis-Reason", status=480) == ["Push-Token-Invalid"]
     assert [a.status for a in apns.answers] == [410]
     assert apns.pushes == []
 
@@ -619,25 +618,10 @@ async def test_fcm_unregistered_token_is_480_and_the_wipe_unregisters_at_kamaili
     fcm.dead_tokens.add(token)
     async with trio.open_nursery() as nursery:
         await nursery.start(fcm.run)
-        async with running_daemon(tmp_path, push=live_fcm(fcm, account, tmp_path),
-                                  calls={"ring_timeout": "5s"}) as d:
-            resp = await d.create(instance_body(kamailio, transport="udp",
-                                                push={"provider": "fcm", "token": token}))
-            assert resp.status_code == 201, resp.text
-            body = resp.json()
-            assert len(kamailio.location("alice")) == 1
-            caller = caller_factory(kamailio.address, domain=kamailio.domain)
-            trace = await caller.run_async(Scenario.REJECTED, to_user="alice", timeout=15)
-            assert trace.ok, trace.describe()
-            got = await d.client.get(f"/v1/instances/{body['id']}",
-                                     headers={"authorization": f"Bearer {body['secret']}"})
-            assert got.status_code == 404, got.text
-            with trio.fail_after(5):
-                while kamailio.location("alice"):
-                    await trio.sleep(0.1)
+        await _call_a_dead_token(tmp_path, kamailio, caller_factory,
+                                 push=live_fcm(fcm, account, tmp_path),
+                                 token={"provider": "fcm", "token": token})
         nursery.cancel_scope.cancel()
-    assert trace.header_values("X-Sipis-Reason", status=480) == ["Push-Token-Invalid"]
-    assert trace.header_values("X-Sipis-Push-Status", status=180)[:1] == ["Alerting-Device"]
     assert fcm.accepted == []
     assert fcm.send_requests >= 1
 
