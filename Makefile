@@ -4,7 +4,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
-APT_PACKAGES := kamailio kamailio-extra-modules kamailio-utils-modules sip-tester dnsmasq-base
+BENCH_STAMP := $(VENV)/.installed-bench
+APT_PACKAGES := kamailio kamailio-extra-modules kamailio-utils-modules sip-tester dnsmasq-base systemd
 
 .PHONY: run test lint bench deps-apt clean
 
@@ -40,7 +41,11 @@ test: deps-apt $(TEST_STAMP) lint
 	$(PY) -m pytest -q -p no:cacheprovider; rc=$$?; \
 	if [ $$rc = 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
-bench: $(TEST_STAMP)
+$(BENCH_STAMP): $(TEST_STAMP) pyproject.toml
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $@
+
+bench: deps-apt $(BENCH_STAMP)
 	$(PY) -m bench
 
 clean:

@@ -808,8 +808,12 @@ class CallsConfig:
     ring_timeout: float = attrs.field(default=120.0, metadata=_meta(_duration()))  # T1
     progress_timeout: float = attrs.field(default=120.0, metadata=_meta(_duration()))  # T2
     message_retention: float = attrs.field(default=7 * 86400.0, metadata=_meta(_duration()))
+    max_held_messages: int = attrs.field(default=100, metadata=_meta(_int(1, 100_000)))
     call_record_retention: float = attrs.field(default=7 * 86400.0,
                                                metadata=_meta(_duration()))
+    # Expiry of the woken app's REGISTER to sipis (its device binding), in seconds.
+    device_min_expires: int = attrs.field(default=60, metadata=_meta(_int(10, 86400)))
+    device_max_expires: int = attrs.field(default=3600, metadata=_meta(_int(10, 86400)))
 
 
 @attrs.frozen(kw_only=True)
@@ -910,6 +914,13 @@ def _check_registrar(reg: RegistrarConfig, path: str, ctx: _Ctx) -> RegistrarCon
     if reg.backoff_cap < reg.backoff_base:
         ctx.fail(_join(path, "backoff_cap"), "must not be shorter than backoff_base")
     return reg
+
+
+@_check(CallsConfig)
+def _check_calls(calls: CallsConfig, path: str, ctx: _Ctx) -> CallsConfig:
+    if calls.device_min_expires > calls.device_max_expires:
+        ctx.fail(_join(path, "device_min_expires"), "must not be more than device_max_expires")
+    return calls
 
 
 @_check(LifetimeConfig)

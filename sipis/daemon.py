@@ -30,6 +30,7 @@ from sipis.calls.driver import CallDriver, DriverSettings
 from sipis.config import ApnsConfig, Config, ConfigError, FcmConfig, load_config
 from sipis.instances import DomainLifetime, InstancePolicy, InstanceService
 from sipis.logs import quiet_header_loggers, setup_logging
+from sipis.notify import Notifier
 from sipis.push.apns import ApnsClient, ApnsSettings
 from sipis.push.base import PushClient, PushConfigError
 from sipis.push.dispatcher import PushDispatcher
@@ -41,6 +42,7 @@ from sipis.sip.dns import SipResolver
 from sipis.sip.endpoint import EndpointConfig, ListenSpec, SipEndpoint
 from sipis.sip.transaction import TimerConfig
 from sipis.store.crypto import KeyRing
+from sipis.store.errors import StoreError
 from sipis.store.sqlite import SqliteStore
 
 log = logging.getLogger(__name__)
@@ -93,6 +95,11 @@ def driver_settings(config: Config, local_hosts: frozenset[str]) -> DriverSettin
         call=CallConfig(ring_timeout=config.calls.ring_timeout,
                         progress_timeout=config.calls.progress_timeout),
         message_body=config.push.message_body,
+        min_expires=config.calls.device_min_expires,
+        max_expires=config.calls.device_max_expires,
+        message_retention=config.calls.message_retention,
+        max_held_messages=config.calls.max_held_messages,
+        call_record_retention=config.calls.call_record_retention,
     )
 
 
@@ -214,6 +221,7 @@ class Daemon:
     calls: CallDriver | None = None
     api_port: int | None = None
     ready: bool = False
+    notifier: Notifier = attrs.Factory(Notifier.from_environ)  # sd_notify (systemd)
     _stop: trio.Event = attrs.Factory(trio.Event)
 
     def request_stop(self) -> None:
@@ -234,6 +242,7 @@ class Daemon:
         try:
             async with trio.open_nursery() as outer:
                 await outer.start(self._watch_signals)
+                await outer.start(self.notifier.run_watchdog)  # a trio task: a stuck loop stops it
                 for client in clients.values():
                     if isinstance(client, ApnsClient):
                         await outer.start(client.run)  # holds its connections
@@ -242,8 +251,11 @@ class Daemon:
                     self.ready = True
                     log.info("sipis %s ready: api port %s, instances %d", __version__,
                              self.api_port, await store.count())
+                    self.notifier.ready(await self.status_line())
+                    await inner.start(self.notifier.run_status, self.status_line)
                     task_status.started(self)
                     await self._stop.wait()
+                    self.notifier.stopping("stopping")
                     log.info("stopping: bindings stay registered upstream until they expire")
                     self.ready = False
                     inner.cancel_scope.cancel()
@@ -267,7 +279,9 @@ class Daemon:
         assert self.push is not None
         self.calls = calls = CallDriver(
             store=self.store, push=self.push,
-            settings=driver_settings(config, frozenset(local_hosts)))
+            settings=driver_settings(config, frozenset(local_hosts)),
+            nonce_key=self.store.keyring.derive("device-registrar nonces"),
+            signer_key=self.store.keyring.derive("record-route tokens"))
         self.endpoint = endpoint = SipEndpoint(endpoint_config(config), handler=calls)
         await nursery.start(endpoint.run)
         self.keeper = keeper = RegistrationKeeper(
@@ -278,6 +292,7 @@ class Daemon:
             store=self.store, keeper=keeper, policy=instance_policy(config, endpoint)
         )
         calls.attach(endpoint=endpoint, service=service)
+        service.wipe_listeners.append(calls.forget_instance)
         await nursery.start(calls.run)
         await service.load_all()
         await nursery.start(service.run_sweeper, lambda: self.config.lifetime.sweep_interval)
@@ -300,6 +315,15 @@ class Daemon:
             calls=calls,
         )
         self.api_port = await nursery.start(self.api.run)
+
+    async def status_line(self) -> str:
+        """systemd's STATUS=: stored instances and how many are registered upstream."""
+        registered = self.keeper.statistics().by_state.get("registered", 0) if self.keeper else 0
+        try:
+            total = await self.store.count() if self.store is not None else 0
+        except StoreError:
+            return f"{registered} registered, store unavailable"
+        return f"{total} instances, {registered} registered"
 
     async def _watch_signals(self, *, task_status: trio.TaskStatus[None]) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:

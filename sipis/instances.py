@@ -241,6 +241,9 @@ class InstanceService:
         self._locks: dict[str, trio.Lock] = {}
         # id → (device realm, algorithm → HA1): see device_ha1_cached.
         self._ha1_cache: dict[str, tuple[str, Mapping[str, str]]] = {}
+        # Told (instance id, reason) after each wipe, whoever asked for it: the call driver
+        # drops the device bindings, metrics count wipes by reason. Must not raise or block.
+        self.wipe_listeners: list[Callable[[str, str], None]] = []
 
     # -- start-up and sweeping --------------------------------------------------------------
 
@@ -408,6 +411,11 @@ class InstanceService:
         self._locks.pop(instance_id, None)
         if deleted:
             log.info("instance=%s wiped reason=%s", short_id(instance_id), reason)
+            for listener in self.wipe_listeners:
+                try:
+                    listener(instance_id, reason)
+                except Exception:
+                    log.exception("instance=%s wipe listener failed", short_id(instance_id))
         return deleted
 
     async def foreground(self, instance_id: str) -> InstanceRecord:

@@ -192,3 +192,27 @@ async def test_create_logs_neither_secret_nor_ha1s(caplog: pytest.LogCaptureFixt
     assert created.secret not in text
     for ha1 in created.record.device_ha1.values():
         assert ha1 not in text
+
+
+async def test_every_wipe_tells_the_wipe_listeners_once_with_its_reason() -> None:
+    """Whoever wipes (API DELETE, sweeper, dead token, CLI), the listeners hear (id, reason)
+    once, after the instance is gone; a failing listener does not stop the others or the wipe;
+    wiping an unknown instance tells nobody."""
+    store = MemoryStore()
+    service = make_service(store)
+    heard: list[tuple[str, str, bool]] = []
+
+    def broken(instance_id: str, reason: str) -> None:
+        raise RuntimeError("listener bug")
+
+    async def gone(instance_id: str) -> bool:
+        return instance_id not in {r.id for r in await store.list_all()}
+
+    service.wipe_listeners.append(broken)
+    service.wipe_listeners.append(lambda i, r: heard.append((i, r, True)))
+    created = await service.create(new_instance())
+    assert await service.wipe(created.record.id, WipeReason.DELETED)
+    assert heard == [(created.record.id, WipeReason.DELETED, True)]
+    assert await gone(created.record.id)
+    assert not await service.wipe(created.record.id, WipeReason.DELETED)
+    assert len(heard) == 1

@@ -16,6 +16,7 @@ Order of checks (cheap first, and nothing about an instance is revealed before i
     /v1/instances/{id}…: Authorization header present → service.authenticate → (body checks)
                          → the service call; every authenticated call counts as heard from
                          the device (GET touches; update/foreground/background do it inside).
+    GET …/calls:         the same auth → ``CallControl.call_records`` → touch; 200.
     …/calls/{call}/progress|decline: the same auth → ``CallControl`` → touch; 204 if the
                          call rings for this instance, else 404 (one answer for an unknown
                          call and another instance's call, so nothing about it leaks).
@@ -47,6 +48,7 @@ from sipis.api.schemas import (
     Invalid,
     MalformedBody,
     aor_domain,
+    call_record_body,
     created_body,
     decode_json,
     instance_body,
@@ -65,7 +67,7 @@ from sipis.instances import (
     allowed,
 )
 from sipis.store.errors import NotFound
-from sipis.store.models import InstanceRecord
+from sipis.store.models import CallRecord, InstanceRecord
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +125,9 @@ class CallControl(Protocol):
 
     def progress(self, instance_id: str, call_ref: str) -> bool: ...
     def decline(self, instance_id: str, call_ref: str) -> bool: ...
+    async def call_records(self, instance_id: str) -> list[CallRecord]:
+        """The instance's finished calls, newest first, within the retention."""
+        ...
 
 
 class ProblemError(Exception):
@@ -521,6 +526,13 @@ class _Api:
             return problem_response(problems.NOT_FOUND, "No such ringing call.")
         return Response(status_code=204, headers={"Cache-Control": "no-store"})
 
+    async def calls_list(self, request: Request) -> Response:
+        """``GET …/calls``: recent calls with their outcome (counts as heard from)."""
+        record = await self._authenticate(request)
+        records = await self.calls.call_records(record.id) if self.calls is not None else []
+        await self.service.touch(record.id)
+        return _json({"calls": [call_record_body(r) for r in records]})
+
     async def instance(self, request: Request) -> Response:
         handlers = {"GET": self.get, "HEAD": self.get, "PATCH": self.patch, "DELETE": self.delete}
         return await handlers[request.method](request)
@@ -588,6 +600,11 @@ def build_app(
             INSTANCES_PATH + "/{id}/background",
             _guarded(api.background),
             methods=["POST"],
+        ),
+        Route(
+            INSTANCES_PATH + "/{id}/calls",
+            _guarded(api.calls_list),
+            methods=["GET"],
         ),
         Route(
             INSTANCES_PATH + "/{id}/calls/{call}/progress",

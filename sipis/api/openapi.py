@@ -23,7 +23,7 @@ from sipis.api.schemas import (
     MAX_USERNAME_LENGTH,
     PUSH_PROVIDERS,
 )
-from sipis.store.models import REGISTRATION_STATES
+from sipis.store.models import CALL_OUTCOMES, REGISTRATION_STATES
 
 _JSON: Final = "application/json"
 _PROBLEM: Final = problems.PROBLEM_MEDIA_TYPE
@@ -166,6 +166,28 @@ _SCHEMAS: Final[dict[str, Any]] = {
             "next_attempt_at": _NULLABLE_TIME,
             "last_registered_at": _NULLABLE_TIME,
         },
+    },
+    "CallRecord": {
+        "type": "object",
+        "description": "A finished incoming call (kept for calls.call_record_retention).",
+        "required": ["call", "sip_call_id", "from_uri", "from_name", "to_uri", "started_at",
+                     "ended_at", "outcome"],
+        "properties": {
+            "call": {"type": "string", "description": "The call reference of its pushes."},
+            "sip_call_id": {"type": "string"},
+            "from_uri": {"type": "string"},
+            "from_name": {"type": ["string", "null"]},
+            "to_uri": {"type": "string"},
+            "started_at": {"type": "string", "format": "date-time"},
+            "ended_at": {"type": "string", "format": "date-time"},
+            "outcome": {"enum": list(CALL_OUTCOMES)},
+        },
+    },
+    "CallList": {
+        "type": "object",
+        "required": ["calls"],
+        "properties": {"calls": {"type": "array", "items": _ref("CallRecord"),
+                                 "description": "Newest first."}},
     },
     "Instance": {
         "type": "object",
@@ -416,6 +438,19 @@ _PATHS: Final[dict[str, Any]] = {
         "post": _state_op(
             "The app went to the background: sipis registers again.", "backgroundInstance"
         )
+    },
+    "/v1/instances/{id}/calls": {
+        "get": {
+            "summary": "Recent calls of this instance with their outcome, so the app can show "
+                       "calls it never saw (counts as heard from the device).",
+            "operationId": "listCalls",
+            "security": _BEARER,
+            "parameters": [_INSTANCE_ID],
+            "responses": {
+                "200": _json_body(_ref("CallList"), "The calls, newest first."),
+                **_AUTH_ERRORS,
+            },
+        }
     },
     "/v1/instances/{id}/calls/{call}/progress": {
         "post": _call_op(

@@ -28,7 +28,7 @@ import attrs
 from sipis.instances import Created, DeviceInfo, InstanceUpdate, NewInstance
 from sipis.sip.errors import SipParseError
 from sipis.sip.headers import URI
-from sipis.store.models import InstanceRecord, RegistrationStatus, redacted_token
+from sipis.store.models import CallRecord, InstanceRecord, RegistrationStatus, redacted_token
 
 # --- limits (policy constants, named once) -------------------------------------------------
 
@@ -661,4 +661,18 @@ def created_body(
             "username": device.username,
             "realm": device.realm,
         },
+    }
+
+
+def call_record_body(record: CallRecord) -> dict[str, object]:
+    """One entry of ``GET /v1/instances/{id}/calls``: who called, when, how it ended."""
+    return {
+        "call": record.call,
+        "sip_call_id": record.sip_call_id,
+        "from_uri": record.from_uri,
+        "from_name": record.from_name,
+        "to_uri": record.to_uri,
+        "started_at": rfc3339_ms(record.started_at),
+        "ended_at": rfc3339_ms(record.ended_at),
+        "outcome": record.outcome,
     }

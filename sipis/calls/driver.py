@@ -24,18 +24,28 @@ Rules (SPEC.md "SIP behaviour"):
   the address the initial INVITE came from (kept per Call-ID in a bounded table), else 403.
   ACK statelessly, re-INVITE through a client INVITE transaction, the others through
   ``endpoint.request``; the response is relayed back.
-- MESSAGE to a contact token → 200 and an alert push naming the sender (the text only when
-  ``push.message_body``; is-composing bodies are not pushed). Holding and delivering the
-  message to the device is not done here yet.
+- MESSAGE to a contact token → held in the store (encrypted, ``calls.message_retention``,
+  at most ``calls.max_held_messages`` per instance, then 486) and 200; then an alert push
+  naming the sender (the text only when ``push.message_body``) unless a device binding is
+  live. Is-composing (RFC 3994) bodies are answered 200 and neither held nor pushed. Held
+  messages are delivered as MESSAGEs from sipis (a UAC of its own: From/To of the original,
+  a new Call-ID, ``Date`` of reception) over the binding, in order, whenever the device
+  REGISTERs, and when one arrives while a binding is live. A 2xx or a permanent refusal drops
+  the message; a timeout, transport error or 408/480/503 keeps it for the next REGISTER.
+- Every finished call leaves a call record (``GET /v1/instances/{id}/calls``), purged after
+  ``calls.call_record_retention``, like expired messages, by a task of ``run``.
+- Wipes from anywhere (API, sweeper, CLI, dead tokens) reach ``forget_instance``: the
+  instance's device bindings go with it.
 
-Keys: the nonce key and the Record-Route key are random per process (``secrets``): a restart
-costs each device one more 401 and breaks the in-dialog routing of calls in progress.
+Keys: the nonce key and the Record-Route key are given by the daemon, derived from the store
+key ring (stable across restarts); random per driver when not given (tests).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import email.utils
 import logging
 import math
 import secrets
@@ -84,6 +94,7 @@ from sipis.sip.message import (
     SipResponse,
     make_response,
     new_branch,
+    new_call_id,
     new_tag,
 )
 from sipis.sip.proxy import (
@@ -100,7 +111,7 @@ from sipis.sip.proxy import forward_request as proxy_forward_request
 from sipis.sip.proxy import forward_response as proxy_forward_response
 from sipis.sip.transport import Destination, FlowKey, Source
 from sipis.store.errors import NotFound, StoreError
-from sipis.store.models import InstanceRecord
+from sipis.store.models import CallRecord, HeldMessage, InstanceRecord
 
 __all__ = ["ALLOW", "CallDriver", "DriverSettings"]
 
@@ -117,6 +128,12 @@ DIALOG_LIFETIME = 12 * 3600.0
 #: Deadline for call-ended and message pushes (s).
 ALERT_PUSH_DEADLINE = 30.0
 
+#: How often expired messages and old call records are purged (s).
+PURGE_INTERVAL = 300.0
+
+#: Final answers of a device to a held MESSAGE that keep it for the next REGISTER.
+_RETRY_LATER = frozenset({408, 480, 500, 503, 504})
+
 _IS_COMPOSING = "application/im-iscomposing+xml"
 
 
@@ -125,6 +142,18 @@ _IS_COMPOSING = "application/im-iscomposing+xml"
 
 class DriverStore(Protocol):
     async def get_by_contact_token(self, token: str) -> InstanceRecord: ...
+
+    async def hold_message(self, msg: HeldMessage, *, max_per_instance: int) -> bool: ...
+
+    async def held_messages(self, instance_id: str) -> list[HeldMessage]: ...
+
+    async def drop_message(self, message_id: str) -> bool: ...
+
+    async def add_call_record(self, rec: CallRecord) -> None: ...
+
+    async def call_records(self, instance_id: str, *, limit: int = 500) -> list[CallRecord]: ...
+
+    async def purge(self, *, now: float, records_ended_before: float) -> tuple[int, int]: ...
 
 
 class DriverPolicy(Protocol):
@@ -177,6 +206,9 @@ class DriverSettings:
     message_body: bool = False
     min_expires: int = 60
     max_expires: int = 3600
+    message_retention: float = 7 * 86400.0
+    max_held_messages: int = 100
+    call_record_retention: float = 7 * 86400.0
 
 
 @attrs.define(eq=False)
@@ -207,6 +239,7 @@ class _Call:
     record_route: list[str] = attrs.Factory(list)
     finished: bool = False
     final_status: int | None = None  # of the final we sent upstream
+    started_at: float = 0.0  # unix time of the INVITE
 
     def report(self, event: CallEvent) -> None:
         # The call is over: late news is dropped, as the machine would drop it.
@@ -262,6 +295,7 @@ class CallDriver:
         self._calls: dict[tuple[str, str], _Call] = {}
         self._nursery: trio.Nursery | None = None
         self._is_ours: Callable[[URI], bool] = lambda uri: False
+        self._delivering: set[str] = set()  # instances whose held messages are being sent
         self.outcomes: collections.Counter[str] = collections.Counter()
 
     def __repr__(self) -> str:
@@ -285,6 +319,7 @@ class CallDriver:
         closed = endpoint.flow_closed_channel()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self._purge_forever)
             task_status.started()
             try:
                 async for flow in closed:
@@ -294,6 +329,37 @@ class CallDriver:
                 await trio.sleep_forever()
             finally:
                 self._nursery = None
+
+    async def _purge_forever(self) -> None:
+        while True:
+            await self.purge()
+            await trio.sleep(PURGE_INTERVAL)
+
+    async def purge(self) -> tuple[int, int]:
+        """Drop expired held messages and call records past their retention."""
+        now = self._clock()
+        try:
+            dropped = await self._store.purge(
+                now=now, records_ended_before=now - self.settings.call_record_retention)
+        except StoreError:
+            log.exception("purge of held messages and call records failed")
+            return 0, 0
+        if any(dropped):
+            log.info("purged %d expired messages and %d old call records", *dropped)
+        return dropped
+
+    def forget_instance(self, instance_id: str, reason: str = "") -> None:
+        """The instance was wiped (by any path): its device bindings go too."""
+        removed = self.registrar.bindings.remove_instance(instance_id)
+        self._wakeups.pop(instance_id, None)
+        if removed:
+            log.info("instance=%s device bindings dropped with the instance",
+                     _short(instance_id))
+
+    async def call_records(self, instance_id: str) -> list[CallRecord]:
+        """``GET /v1/instances/{id}/calls``: newest first, within the retention."""
+        cutoff = self._clock() - self.settings.call_record_retention
+        return [r for r in await self._store.call_records(instance_id) if r.ended_at >= cutoff]
 
     def _need_endpoint(self) -> DriverEndpoint:
         if self._endpoint is None:
@@ -392,6 +458,7 @@ class CallDriver:
         woken = {c.binding.instance_id for c in result.changes if c.kind.reachable}
         for instance_id in woken:
             self._wake(instance_id)
+            self._start_delivery(instance_id)
         if result.instance_id is not None:
             log.info("instance=%s device REGISTER → %d", _short(result.instance_id),
                      result.response.status)
@@ -422,8 +489,34 @@ class CallDriver:
         if isinstance(found, SipResponse):
             return found
         record = found
-        content_type = (request.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        full_type = (request.headers.get("Content-Type") or "text/plain").strip()
+        content_type = full_type.split(";")[0].strip().lower()
         if content_type == _IS_COMPOSING:
+            return _respond(request, 200)
+        now = self._clock()
+        held = HeldMessage(
+            id=secrets.token_hex(12), instance_id=record.id, received_at=now,
+            expires_at=now + self.settings.message_retention,
+            from_=str(attrs.evolve(request.from_, params=tuple(
+                (k, v) for k, v in request.from_.params if k.lower() != "tag"))),
+            to=str(attrs.evolve(request.to, params=())), content_type=full_type,
+            body=request.body)
+        try:
+            kept = await self._store.hold_message(
+                held, max_per_instance=self.settings.max_held_messages)
+        except NotFound:
+            return _respond(request, 404)
+        except StoreError:
+            log.exception("instance=%s MESSAGE could not be held", _short(record.id))
+            return _respond(request, 500)
+        if not kept:
+            log.info("instance=%s MESSAGE refused: %d already held", _short(record.id),
+                     self.settings.max_held_messages)
+            return _respond(request, 486, "Busy Here")
+        if self._live_binding(record.id) is not None:
+            self._start_delivery(record.id)
+            log.info("instance=%s MESSAGE held, delivering to the live binding",
+                     _short(record.id))
             return _respond(request, 200)
         body: str | None = None
         if self.settings.message_body and content_type.startswith("text/"):
@@ -433,9 +526,70 @@ class CallDriver:
             self._nursery.start_soon(self._alert_push, push, record.id)
         else:
             await self._alert_push(push, record.id)
-        log.info("instance=%s MESSAGE accepted (not held: delivery not implemented)",
-                 _short(record.id))
+        log.info("instance=%s MESSAGE held until the device registers", _short(record.id))
         return _respond(request, 200)
+
+    def _start_delivery(self, instance_id: str) -> None:
+        if self._nursery is not None and instance_id not in self._delivering:
+            self._delivering.add(instance_id)
+            self._nursery.start_soon(self._deliver_held, instance_id)
+
+    async def _deliver_held(self, instance_id: str) -> None:
+        """Send the instance's held messages over its binding, oldest first (module rules)."""
+        try:
+            while True:
+                try:
+                    pending = await self._store.held_messages(instance_id)
+                except StoreError:
+                    log.exception("instance=%s held messages unreadable", _short(instance_id))
+                    return
+                now = self._clock()
+                pending = [m for m in pending if m.expires_at > now]
+                if not pending:
+                    return
+                for msg in pending:
+                    binding = self._live_binding(instance_id)
+                    if binding is None or not await self._deliver_one(msg, binding):
+                        return
+                # more may have arrived while we were sending: look again
+        finally:
+            self._delivering.discard(instance_id)
+
+    async def _deliver_one(self, msg: HeldMessage, binding: DeviceBinding) -> bool:
+        """One MESSAGE to the device; True if it is settled (dropped), False to stop."""
+        endpoint = self._need_endpoint()
+        try:
+            request = SipRequest("MESSAGE", binding.contact, Headers([
+                ("Max-Forwards", "70"),
+                ("From", f"{msg.from_};tag={new_tag()}"),
+                ("To", msg.to),
+                ("Call-ID", new_call_id()),
+                ("CSeq", "1 MESSAGE"),
+                ("Date", email.utils.formatdate(msg.received_at, usegmt=True)),
+                ("Content-Type", msg.content_type),
+            ]), msg.body)
+            result = await endpoint.request(request, [self._binding_destination(binding)])
+        except (TransactionTimeout, TransportError) as exc:
+            log.info("instance=%s held MESSAGE not delivered (kept): %s",
+                     _short(msg.instance_id), exc)
+            return False
+        except (SipError, ValueError) as exc:  # a stored header that no longer parses
+            log.warning("instance=%s held MESSAGE unusable, dropped: %s",
+                        _short(msg.instance_id), exc)
+            status = None
+        else:
+            status = result.response.status
+            if status in _RETRY_LATER:
+                log.info("instance=%s held MESSAGE answered %d (kept)",
+                         _short(msg.instance_id), status)
+                return False
+        try:
+            await self._store.drop_message(msg.id)
+        except StoreError:
+            log.exception("instance=%s delivered MESSAGE not dropped", _short(msg.instance_id))
+            return False
+        log.info("instance=%s held MESSAGE delivered → %s", _short(msg.instance_id), status)
+        return True
 
     async def _alert_push(self, push: PushRequest, instance_id: str) -> None:
         try:
@@ -497,7 +651,7 @@ class CallDriver:
         ref = secrets.token_hex(8)
         async with trio.open_nursery() as outer, trio.open_nursery() as nursery:
             call = _Call(IncomingCall(self.settings.call), record, request, source, tx,
-                         ref, send, nursery, outer)
+                         ref, send, nursery, outer, started_at=self._clock())
             self._calls[(record.id, ref)] = call
             try:
                 nursery.start_soon(self._watch_cancel, call)
@@ -568,6 +722,20 @@ class CallDriver:
                     self.outcomes[outcome.value] += 1
                     log.info("call instance=%s call=%s outcome=%s", _short(call.record.id),
                              call.ref, outcome.value)
+                    call.outer.start_soon(self._record_call, call, outcome.value)
+
+    async def _record_call(self, call: _Call, outcome: str) -> None:
+        from_ = call.request.from_
+        record = CallRecord(
+            instance_id=call.record.id, call=call.ref, sip_call_id=call.request.call_id,
+            from_uri=str(from_.uri), from_name=from_.display_name,
+            to_uri=str(call.request.to.uri), started_at=call.started_at,
+            ended_at=self._clock(), outcome=outcome)
+        try:
+            await self._store.add_call_record(record)
+        except StoreError:
+            log.exception("instance=%s call=%s record not kept", _short(call.record.id),
+                          call.ref)
 
     def _start_timer(self, call: _Call, name: str, deadline: float) -> None:
         old = call.timers.pop(name, None)
@@ -614,7 +782,7 @@ class CallDriver:
             await service.wipe(instance_id, WipeReason.TOKEN_INVALID)
         except StoreError:
             log.exception("instance=%s wipe failed", _short(instance_id))
-        self.registrar.bindings.remove_instance(instance_id)
+        self.forget_instance(instance_id)
 
     # -- proxying the call to the device -------------------------------------------------------
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from sipis.store.errors import Conflict, NotFound, StoreError
-from sipis.store.models import InstanceRecord, RegistrationStatus
+from sipis.store.models import CallRecord, HeldMessage, InstanceRecord, RegistrationStatus
 
 __all__ = ["Conflict", "NotFound", "Store", "StoreError"]
 
@@ -52,3 +52,22 @@ class Store(Protocol):
 
     async def count(self) -> int:
         """How many instances are stored."""
+
+    async def hold_message(self, msg: HeldMessage, *, max_per_instance: int) -> bool:
+        """Keep a MESSAGE for the device (encrypted); False if the instance holds the maximum
+        already. Raises NotFound if the instance is gone."""
+
+    async def held_messages(self, instance_id: str) -> list[HeldMessage]:
+        """The messages held for an instance, oldest first."""
+
+    async def drop_message(self, message_id: str) -> bool:
+        """Forget a message for good (delivered); False if it was not held."""
+
+    async def add_call_record(self, rec: CallRecord) -> None:
+        """Record a finished call (dropped if the instance is gone)."""
+
+    async def call_records(self, instance_id: str, *, limit: int = 500) -> list[CallRecord]:
+        """The instance's call records, newest first."""
+
+    async def purge(self, *, now: float, records_ended_before: float) -> tuple[int, int]:
+        """Drop expired messages and old call records: ``(messages, records)`` dropped."""

@@ -63,7 +63,7 @@ class KeyRing:
     Immutable after construction, so one ring may be shared by threads.
     """
 
-    __slots__ = ("_active", "_aeads")
+    __slots__ = ("_active", "_aeads", "_derive_root")
 
     def __init__(self, keys: Sequence[tuple[str, bytes]]) -> None:
         """Args: keys: ``(key_id, 32-byte key)`` pairs, oldest first; the last one encrypts.
@@ -82,6 +82,9 @@ class KeyRing:
             aeads[key_id] = AESGCM(key)
         self._aeads = aeads
         self._active = keys[-1][0]
+        # Sub-keys for other purposes (nonces, Record-Route tokens) come from the active key
+        # through HMAC, so the AEAD key itself is never used for anything but AES-GCM.
+        self._derive_root = hmac.new(keys[-1][1], b"sipis key derivation v1", "sha256").digest()
 
     def __repr__(self) -> str:
         return f"KeyRing(key_ids={self.key_ids!r}, active={self._active!r})"
@@ -100,6 +103,15 @@ class KeyRing:
     def ephemeral(cls) -> KeyRing:
         """A ring with one random key that lives only in memory (tests, throw-away stores)."""
         return cls([(_new_key_id(()), secrets.token_bytes(KEY_LEN))])
+
+    def derive(self, purpose: str) -> bytes:
+        """A 32-byte key for ``purpose``, stable as long as the active key is the same.
+
+        Keys that must outlive a restart but are not worth a file of their own (the device
+        registrar's nonce key, the Record-Route signing key) are derived here: a restart keeps
+        nonces and in-dialog routes valid; a key rotation changes them once.
+        """
+        return hmac.new(self._derive_root, purpose.encode("utf-8"), "sha256").digest()
 
     # -- key files ----------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ import attrs
 import trio
 
 from sipis.store.errors import Conflict, NotFound, StoreError
-from sipis.store.models import InstanceRecord, RegistrationStatus
+from sipis.store.models import CallRecord, HeldMessage, InstanceRecord, RegistrationStatus
 
 
 class MemoryStore:
@@ -22,6 +22,8 @@ class MemoryStore:
     def __init__(self, records: list[InstanceRecord] | None = None) -> None:
         self._by_id: dict[str, InstanceRecord] = {}
         self._by_token: dict[str, str] = {}
+        self._messages: dict[str, HeldMessage] = {}
+        self._records: dict[tuple[str, str], CallRecord] = {}
         self._closed = False
         for rec in records or ():
             self._add(rec)
@@ -86,7 +88,48 @@ class MemoryStore:
         if old is None:
             return False
         del self._by_token[old.contact_token]
+        self._messages = {k: m for k, m in self._messages.items() if m.instance_id != instance_id}
+        self._records = {k: r for k, r in self._records.items() if k[0] != instance_id}
         return True
+
+    async def hold_message(self, msg: HeldMessage, *, max_per_instance: int) -> bool:
+        await self._enter()
+        if msg.instance_id not in self._by_id:
+            raise NotFound("no such instance")
+        held = sum(1 for m in self._messages.values() if m.instance_id == msg.instance_id)
+        if held >= max_per_instance:
+            return False
+        self._messages[msg.id] = msg
+        return True
+
+    async def held_messages(self, instance_id: str) -> list[HeldMessage]:
+        await self._enter()
+        return sorted((m for m in self._messages.values() if m.instance_id == instance_id),
+                      key=lambda m: (m.received_at, m.id))
+
+    async def drop_message(self, message_id: str) -> bool:
+        await self._enter()
+        return self._messages.pop(message_id, None) is not None
+
+    async def add_call_record(self, rec: CallRecord) -> None:
+        await self._enter()
+        if rec.instance_id in self._by_id:
+            self._records[(rec.instance_id, rec.call)] = rec
+
+    async def call_records(self, instance_id: str, *, limit: int = 500) -> list[CallRecord]:
+        await self._enter()
+        mine = [r for r in self._records.values() if r.instance_id == instance_id]
+        return sorted(mine, key=lambda r: (-r.started_at, r.call))[:limit]
+
+    async def purge(self, *, now: float, records_ended_before: float) -> tuple[int, int]:
+        await self._enter()
+        old_messages = [k for k, m in self._messages.items() if m.expires_at <= now]
+        old_records = [k for k, r in self._records.items() if r.ended_at < records_ended_before]
+        for key in old_messages:
+            del self._messages[key]
+        for rkey in old_records:
+            del self._records[rkey]
+        return len(old_messages), len(old_records)
 
     async def count(self) -> int:
         await self._enter()

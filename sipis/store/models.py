@@ -86,3 +86,41 @@ class InstanceRecord:
 
 
 
+
+
+CALL_OUTCOMES = ("answered", "missed", "cancelled", "answered-elsewhere", "declined", "failed")
+"""Every value ``CallRecord.outcome`` (and the API's call ``outcome``) may take."""
+
+
+@attrs.frozen
+class HeldMessage:
+    """A SIP MESSAGE waiting for the instance's device to register (SPEC.md "MESSAGE").
+
+    Everything but the ids and times is encrypted at rest (the sender and the text are the
+    user's private data); ``body`` is hidden from ``repr()``. ``id`` is random (it is part of
+    the AAD, so one message's ciphertext cannot be moved to another row).
+    """
+
+    id: str
+    instance_id: str
+    received_at: float
+    expires_at: float
+    from_: str  # the From header value as received (name-addr, tag dropped)
+    to: str
+    content_type: str
+    body: bytes = attrs.field(repr=False)
+
+
+@attrs.frozen
+class CallRecord:
+    """One finished incoming call, for ``GET /v1/instances/{id}/calls``: no credentials."""
+
+    instance_id: str
+    call: str  # the call reference of the pushes and the fast channel
+    sip_call_id: str
+    from_uri: str
+    from_name: str | None
+    to_uri: str
+    started_at: float
+    ended_at: float
+    outcome: str = attrs.field(validator=attrs.validators.in_(CALL_OUTCOMES))

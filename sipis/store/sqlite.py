@@ -37,6 +37,7 @@ memory) are out of reach of any SQLite setting.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -47,11 +48,12 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
+import attrs
 import trio
 
 from sipis.store.crypto import KeyRing
 from sipis.store.errors import Conflict, CryptoError, NotFound, SchemaError, StoreError
-from sipis.store.models import InstanceRecord, RegistrationStatus
+from sipis.store.models import CallRecord, HeldMessage, InstanceRecord, RegistrationStatus
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +100,37 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE instances ADD COLUMN device_realm TEXT NOT NULL DEFAULT ''",
         "ALTER TABLE instances ADD COLUMN device_ha1_key TEXT",
         "ALTER TABLE instances ADD COLUMN device_ha1_blob BLOB",
+    ),
+    # 3: held MESSAGEs (sender, recipient, type and text as one encrypted JSON object) and
+    # call records; both go with their instance (ON DELETE CASCADE) and are purged by age.
+    (
+        """
+        CREATE TABLE messages (
+            id              TEXT PRIMARY KEY NOT NULL,
+            instance_id     TEXT NOT NULL REFERENCES instances (id) ON DELETE CASCADE,
+            received_at     REAL NOT NULL,
+            expires_at      REAL NOT NULL,
+            content_key     TEXT NOT NULL,
+            content_blob    BLOB NOT NULL
+        )
+        """,
+        "CREATE INDEX messages_by_instance ON messages (instance_id, received_at)",
+        "CREATE INDEX messages_by_expiry ON messages (expires_at)",
+        """
+        CREATE TABLE call_records (
+            instance_id     TEXT NOT NULL REFERENCES instances (id) ON DELETE CASCADE,
+            call            TEXT NOT NULL,
+            sip_call_id     TEXT NOT NULL,
+            from_uri        TEXT NOT NULL,
+            from_name       TEXT,
+            to_uri          TEXT NOT NULL,
+            started_at      REAL NOT NULL,
+            ended_at        REAL NOT NULL,
+            outcome         TEXT NOT NULL,
+            PRIMARY KEY (instance_id, call)
+        )
+        """,
+        "CREATE INDEX call_records_by_end ON call_records (ended_at)",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -160,6 +193,11 @@ class SqliteStore:
 
     def __repr__(self) -> str:
         return f"SqliteStore({str(self.path)!r}, open={self.is_open})"
+
+    @property
+    def keyring(self) -> KeyRing:
+        """The key ring the store encrypts with (the daemon derives its other keys from it)."""
+        return self._keyring
 
     @property
     def is_open(self) -> bool:
@@ -306,7 +344,7 @@ class SqliteStore:
         """Re-encrypt every value not under the active key, then scrub the old ciphertexts.
 
         Run after :meth:`KeyRing.add_key_to_file`; afterwards the old keys may be removed from
-        the key file. Returns how many instances were re-encrypted.
+        the key file. Returns how many instances and held messages were re-encrypted.
         """
         def op(conn: sqlite3.Connection) -> int:
             active = self._keyring.active_key_id
@@ -317,24 +355,166 @@ class SqliteStore:
                 ).fetchall()
                 for row in rows:
                     conn.execute(_UPDATE, self._params_encrypted(self._to_record(row)))
-                if rows:
+                held = conn.execute(
+                    "SELECT id, instance_id, received_at, expires_at, content_key, content_blob"
+                    " FROM messages WHERE content_key != ?", (active,)).fetchall()
+                for row in held:
+                    msg = self._to_message(row)
+                    conn.execute(
+                        "UPDATE messages SET content_key = ?, content_blob = ? WHERE id = ?",
+                        (*self._keyring.encrypt(_message_plaintext(msg),
+                                                aad=_message_aad(msg.instance_id, msg.id)),
+                         msg.id))
+                if rows or held:
                     conn.execute(_SET_SCRUB_PENDING, (1,))
-            return len(rows)
+            return len(rows) + len(held)
 
         changed = await self._run(op)
         if changed:
             await self._scrub_after_change()
         return changed
 
+    # -- held messages and call records --------------------------------------------------------
+
+    async def hold_message(self, msg: HeldMessage, *, max_per_instance: int) -> bool:
+        """Keep a MESSAGE for the device, encrypted; durable on return.
+
+        Returns False (nothing stored) when the instance already holds ``max_per_instance``
+        messages: a sender flooding an instance cannot fill the disk. Raises NotFound if the
+        instance is gone.
+        """
+        key_id, blob = self._keyring.encrypt(_message_plaintext(msg),
+                                             aad=_message_aad(msg.instance_id, msg.id))
+
+        def op(conn: sqlite3.Connection) -> bool:
+            with _transaction(conn):
+                if conn.execute("SELECT 1 FROM instances WHERE id = ?",
+                                (msg.instance_id,)).fetchone() is None:
+                    raise NotFound("no such instance")
+                (held,) = conn.execute("SELECT count(*) FROM messages WHERE instance_id = ?",
+                                       (msg.instance_id,)).fetchone()
+                if held >= max_per_instance:
+                    return False
+                conn.execute(
+                    "INSERT INTO messages (id, instance_id, received_at, expires_at,"
+                    " content_key, content_blob) VALUES (?, ?, ?, ?, ?, ?)",
+                    (msg.id, msg.instance_id, msg.received_at, msg.expires_at, key_id, blob))
+            return True
+
+        return await self._run(op)
+
+    async def held_messages(self, instance_id: str) -> list[HeldMessage]:
+        """The messages held for an instance, oldest first (expired ones included until the
+        next purge). Raises CryptoError if one does not decrypt."""
+        def op(conn: sqlite3.Connection) -> list[HeldMessage]:
+            rows = conn.execute(
+                "SELECT id, instance_id, received_at, expires_at, content_key, content_blob"
+                " FROM messages WHERE instance_id = ? ORDER BY received_at, id",
+                (instance_id,)).fetchall()
+            return [self._to_message(row) for row in rows]
+
+        return await self._run(op)
+
+    async def drop_message(self, message_id: str) -> bool:
+        """Forget a delivered message; its ciphertext is scrubbed from the files on return."""
+        def op(conn: sqlite3.Connection) -> bool:
+            with _transaction(conn):
+                deleted = conn.execute(
+                    "DELETE FROM messages WHERE id = ?", (message_id,)).rowcount > 0
+                if deleted:
+                    conn.execute(_SET_SCRUB_PENDING, (1,))
+            return deleted
+
+        deleted = await self._run(op)
+        if deleted:
+            await self._scrub_after_change()
+        return deleted
+
+    async def add_call_record(self, rec: CallRecord) -> None:
+        """Record a finished call. A record for a vanished instance is dropped silently (the
+        instance was wiped while the call ended: nothing of it may be kept)."""
+        def op(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                conn.execute(
+                    "INSERT OR REPLACE INTO call_records (instance_id, call, sip_call_id,"
+                    " from_uri, from_name, to_uri, started_at, ended_at, outcome)"
+                    " SELECT :instance_id, :call, :sip_call_id, :from_uri, :from_name, :to_uri,"
+                    " :started_at, :ended_at, :outcome WHERE EXISTS"
+                    " (SELECT 1 FROM instances WHERE id = :instance_id)",
+                    attrs.asdict(rec))
+
+        await self._run(op)
+
+    async def call_records(self, instance_id: str, *, limit: int = 500) -> list[CallRecord]:
+        """The instance's call records, newest first, at most ``limit``."""
+        def op(conn: sqlite3.Connection) -> list[CallRecord]:
+            rows = conn.execute(
+                "SELECT instance_id, call, sip_call_id, from_uri, from_name, to_uri,"
+                " started_at, ended_at, outcome FROM call_records WHERE instance_id = ?"
+                " ORDER BY started_at DESC, call LIMIT ?", (instance_id, limit)).fetchall()
+            return [CallRecord(**dict(row)) for row in rows]
+
+        return await self._run(op)
+
+    async def purge(self, *, now: float, records_ended_before: float) -> tuple[int, int]:
+        """Drop messages past their ``expires_at`` and call records that ended before the
+        cutoff; returns ``(messages, records)`` dropped. Message text is scrubbed."""
+        def op(conn: sqlite3.Connection) -> tuple[int, int]:
+            with _transaction(conn):
+                messages = conn.execute(
+                    "DELETE FROM messages WHERE expires_at <= ?", (now,)).rowcount
+                records = conn.execute(
+                    "DELETE FROM call_records WHERE ended_at < ?",
+                    (records_ended_before,)).rowcount
+                if messages or records:
+                    conn.execute(_SET_SCRUB_PENDING, (1,))
+            return messages, records
+
+        messages, records = await self._run(op)
+        if messages or records:
+            await self._scrub_after_change()
+        return messages, records
+
+    def _to_message(self, row: sqlite3.Row) -> HeldMessage:
+        instance_id: str = row["instance_id"]
+        message_id: str = row["id"]
+        try:
+            text = self._keyring.decrypt(row["content_key"], bytes(row["content_blob"]),
+                                         aad=_message_aad(instance_id, message_id))
+            content = json.loads(text)
+            return HeldMessage(
+                id=message_id, instance_id=instance_id,
+                received_at=float(row["received_at"]), expires_at=float(row["expires_at"]),
+                from_=str(content["from"]), to=str(content["to"]),
+                content_type=str(content["content_type"]),
+                body=base64.b64decode(content["body"], validate=True))
+        except CryptoError as exc:
+            raise CryptoError(f"instance {instance_id[:8]}…, message: {exc}") from exc
+        except (ValueError, KeyError, TypeError) as exc:  # authenticated: only our own bug
+            raise CryptoError(
+                f"instance {instance_id[:8]}…, message: not the expected JSON") from exc
+
     # -- internals (trio side) -----------------------------------------------------------------
+
+    #: Told ``(operation, seconds)`` after every ``_run`` (the store latency metric; the
+    #: daemon sets it). ``operation`` is the public method's name, a bounded set.
+    on_call_done: Callable[[str, float], None] | None = None
 
     async def _run(self, op: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``op`` on the connection in a worker thread, alone, with errors mapped."""
-        async with self._lock:
-            conn = self._conn
-            if conn is None:
-                raise StoreError("the store is not open")
-            return await trio.to_thread.run_sync(_mapped, op, conn)
+        started = trio.current_time()
+        try:
+            async with self._lock:
+                conn = self._conn
+                if conn is None:
+                    raise StoreError("the store is not open")
+                return await trio.to_thread.run_sync(_mapped, op, conn)
+        finally:
+            if self.on_call_done is not None:
+                # op is the method's local "op": "SqliteStore.get.<locals>.op" → "get".
+                parts = op.__qualname__.split(".")
+                name = parts[-3] if len(parts) >= 3 and parts[-2] == "<locals>" else op.__name__
+                self.on_call_done(name, trio.current_time() - started)
 
     async def _scrub_after_change(self) -> None:
         """Scrub once for every change committed so far; shielded: the change is committed."""
@@ -515,6 +695,15 @@ def _reg_params(status: RegistrationStatus) -> dict[str, Any]:
         "reg_granted_expires": status.granted_expires,
         "reg_last_registered_at": status.last_registered_at,
     }
+
+
+def _message_plaintext(msg: HeldMessage) -> str:
+    return json.dumps({"from": msg.from_, "to": msg.to, "content_type": msg.content_type,
+                       "body": base64.b64encode(msg.body).decode("ascii")})
+
+
+def _message_aad(instance_id: str, message_id: str) -> bytes:
+    return f"{instance_id}:message:{message_id}".encode()
 
 
 def _aad(instance_id: str, field: str) -> bytes:

@@ -25,7 +25,7 @@ from sipis.instances import (
     Unauthorized,
 )
 from sipis.store.errors import NotFound
-from sipis.store.models import InstanceRecord, RegistrationStatus
+from sipis.store.models import CallRecord, InstanceRecord, RegistrationStatus
 
 START_TIME = 1_790_000_000.0  # 2026-09-21T14:13:20Z
 DEFAULT_LIFETIME = 3 * 86400
@@ -160,6 +160,11 @@ class FakeCallControl:
 
     ringing: set[tuple[str, str]] = attrs.Factory(set)
     events: list[tuple[str, str, str]] = attrs.Factory(list)
+    records: list[CallRecord] = attrs.Factory(list)
+
+    async def call_records(self, instance_id: str) -> list[CallRecord]:
+        self.events.append(("call_records", instance_id, ""))
+        return [r for r in self.records if r.instance_id == instance_id]
 
     def progress(self, instance_id: str, call_ref: str) -> bool:
         self.events.append(("progress", instance_id, call_ref))

@@ -15,9 +15,10 @@ from starlette.routing import Route
 from sipis.api.app import TokenBucketLimiter, build_app, client_key
 from sipis.api.openapi import openapi_document
 from sipis.api.problems import ALL_KINDS, PROBLEM_MEDIA_TYPE
-from sipis.api.schemas import ExpiresPolicy
+from sipis.api.schemas import ExpiresPolicy, rfc3339_ms
 from sipis.config import ApiConfig
 from sipis.instances import ProviderRejected
+from sipis.store.models import CallRecord
 from tests.api.fakes import (
     START_TIME,
     FakeCallControl,
@@ -529,6 +530,61 @@ async def test_call_routes_only_take_post(h: Harness) -> None:
     response = await h.request("GET", call_url("inst0001", "c1", "progress"))
     assert_problem(response, 405, "method-not-allowed")
     assert response.headers["allow"] == "POST"
+
+
+# --- call records ---------------------------------------------------------------------------
+
+
+def call_record(instance_id: str, n: int, outcome: str) -> CallRecord:
+    return CallRecord(instance_id=instance_id, call=f"c{n}", sip_call_id=f"id{n}@pbx",
+                      from_uri=f"sip:10{n}@pbx.example", from_name=None if n else "Bob",
+                      to_uri="sip:alice@pbx.example", started_at=START_TIME + 10 * n,
+                      ended_at=START_TIME + 10 * n + 5.25, outcome=outcome)
+
+
+async def test_calls_lists_this_instances_records_with_outcomes_and_counts_as_heard_from(
+    h: Harness,
+) -> None:
+    """Only the authenticated instance's records, as the call layer gives them (newest first),
+    every SPEC field, RFC 3339 times; the instance is touched; never cached."""
+    instance_id, secret = await h.created()
+    other, _ = await h.created()
+    h.calls.records = [call_record(instance_id, 1, "answered-elsewhere"),
+                       call_record(instance_id, 0, "missed"), call_record(other, 2, "declined")]
+    h.service.now = START_TIME + 900
+    response = await h.request("GET", f"/v1/instances/{instance_id}/calls",
+                               headers=bearer(secret))
+    assert response.status_code == 200, response.text
+    assert response.headers["cache-control"] == "no-store"
+    calls = response.json()["calls"]
+    assert [c["outcome"] for c in calls] == ["answered-elsewhere", "missed"]
+    assert calls[1] == {
+        "call": "c0", "sip_call_id": "id0@pbx", "from_uri": "sip:100@pbx.example",
+        "from_name": "Bob", "to_uri": "sip:alice@pbx.example",
+        "started_at": rfc3339_ms(START_TIME), "ended_at": rfc3339_ms(START_TIME + 5.25),
+        "outcome": "missed",
+    }
+    assert ("touch", instance_id) in h.service.calls
+    assert h.service.records[instance_id].last_heard_at == START_TIME + 900
+
+
+async def test_calls_needs_the_secret_and_is_404_for_an_unknown_instance(h: Harness) -> None:
+    instance_id, secret = await h.created()
+    url = f"/v1/instances/{instance_id}/calls"
+    assert_problem(await h.request("GET", url), 401, "unauthorized")
+    assert_problem(await h.request("GET", url, headers=bearer(secret + "x")), 401,
+                   "unauthorized")
+    assert_problem(await h.request("GET", "/v1/instances/inst9999/calls",
+                                   headers=bearer(secret)), 404, "not-found")
+    assert h.calls.events == []
+
+
+async def test_without_a_call_layer_calls_is_an_empty_list() -> None:
+    async for h in harness(with_calls=False):
+        instance_id, secret = await h.created()
+        response = await h.request("GET", f"/v1/instances/{instance_id}/calls",
+                                   headers=bearer(secret))
+        assert response.json() == {"calls": []}
 
 
 # --- errors from outside the endpoints ------------------------------------------------------

@@ -14,12 +14,12 @@ from sipis.calls.device import device_ha1s
 from sipis.calls.driver import CallDriver, DriverSettings
 from sipis.push.base import InvalidToken, PushKind, PushRequest, PushResult
 from sipis.sip.digest import DigestClient, choose_challenge, parse_challenge
-from sipis.sip.endpoint import ServerInviteHandle
+from sipis.sip.endpoint import ClientResult, ServerInviteHandle
 from sipis.sip.errors import TransportError
 from sipis.sip.headers import URI
 from sipis.sip.message import Headers, SipRequest, SipResponse, make_response
 from sipis.sip.transport import Destination, Source
-from sipis.store.errors import NotFound
+from sipis.store.memory import MemoryStore
 from sipis.store.models import InstanceRecord, RegistrationStatus
 
 REALM = "127.0.0.1"
@@ -40,11 +40,11 @@ def autojump_clock() -> trio.testing.MockClock:
     return trio.testing.MockClock(autojump_threshold=0)
 
 
-class FakeStore:
-    async def get_by_contact_token(self, token: str) -> InstanceRecord:
-        if token == RECORD.contact_token:
-            return RECORD
-        raise NotFound(token)
+class FakeStore(MemoryStore):
+    """The in-memory store holding RECORD."""
+
+    def __init__(self) -> None:
+        super().__init__([RECORD])
 
 
 @attrs.define
@@ -87,6 +87,8 @@ class FakePush:
 class FakeEndpoint:
     def __init__(self) -> None:
         self.invites: list[tuple[SipRequest, Destination]] = []
+        self.requests: list[tuple[SipRequest, Destination]] = []
+        self.answers: list[int] = []  # statuses for request(); empty → TransportError
 
     def contact_host_port(self, transport: str) -> tuple[str, int]:
         return "127.0.0.1", 5060
@@ -98,7 +100,11 @@ class FakeEndpoint:
 
     async def request(self, request: SipRequest, targets: list[Destination], *,
                       replace_top_via: bool = False) -> Any:
-        raise TransportError("not in this test")
+        self.requests.append((request, targets[0]))
+        if not self.answers:
+            raise TransportError("not in this test")
+        return ClientResult(make_response(request, self.answers.pop(0), to_tag="dev"),
+                            targets[0], None)
 
     async def send_request_stateless(self, request: SipRequest, destination: Destination, *,
                                      add_via: bool = False) -> None:
@@ -156,10 +162,10 @@ def request(method: str, uri: str = "sip:tok1@127.0.0.1", **extra: str) -> SipRe
     return SipRequest(method, URI.parse(uri), headers)
 
 
-def driver(push: FakePush | None = None, **settings: Any) -> tuple[CallDriver, FakeService,
-                                                                   FakeEndpoint, FakePush]:
+def driver(push: FakePush | None = None, store: MemoryStore | None = None,
+           **settings: Any) -> tuple[CallDriver, FakeService, FakeEndpoint, FakePush]:
     push = push or FakePush()
-    d = CallDriver(store=FakeStore(), push=push, settings=DriverSettings(
+    d = CallDriver(store=store or FakeStore(), push=push, settings=DriverSettings(
         public_host="127.0.0.1", local_hosts=frozenset({"127.0.0.1"}),
         call=CallConfig(ring_timeout=2.0, progress_timeout=2.0), **settings))
     service, endpoint = FakeService(), FakeEndpoint()
@@ -174,13 +180,13 @@ async def invite(d: CallDriver, req: SipRequest | None = None) -> FakeTx:
     return tx
 
 
-async def device_register(d: CallDriver) -> SipResponse:
+async def device_register(d: CallDriver, cseq: int = 1) -> SipResponse:
     client = DigestClient(RECORD.id, SECRET)
     headers = Headers([
         ("Via", "SIP/2.0/UDP 10.0.0.2:5060;branch=z9hG4bKr1;rport=40000;received=127.0.0.1"),
         ("From", f"<sip:{RECORD.id}@127.0.0.1>;tag=d1"),
         ("To", f"<sip:{RECORD.id}@127.0.0.1>"),
-        ("Call-ID", "reg-1"), ("CSeq", "1 REGISTER"),
+        ("Call-ID", "reg-1"), ("CSeq", f"{cseq} REGISTER"),
         ("Contact", "<sip:phone@10.0.0.2:5060>"), ("Expires", "600"),
     ])
     first = SipRequest("REGISTER", URI.parse("sip:127.0.0.1"), headers)
@@ -189,7 +195,7 @@ async def device_register(d: CallDriver) -> SipResponse:
     chosen = choose_challenge([parse_challenge(v)
                                for v in challenge.headers.get_all("WWW-Authenticate")])
     second = SipRequest("REGISTER", first.uri, headers.copy())
-    second.headers.set("CSeq", "2 REGISTER")
+    second.headers.set("CSeq", f"{cseq + 1} REGISTER")
     second.headers.add("Authorization", client.authorize(chosen, method="REGISTER",
                                                          uri="sip:127.0.0.1"))
     response = await d.handle_request(second, PHONE)
@@ -295,3 +301,152 @@ async def test_message_is_200_and_an_alert_push_without_the_body() -> None:
     assert response is not None and response.status == 200
     [sent] = push.sent
     assert sent.kind is PushKind.MESSAGE and sent.body is None and sent.from_name == "Bob"
+
+
+# --- held messages, call records, wipes ------------------------------------------------------
+
+
+async def settle() -> None:
+    await trio.testing.wait_all_tasks_blocked()
+
+
+def message(body: bytes = b"Lunch at noon?", content_type: str = "text/plain") -> SipRequest:
+    req = request("MESSAGE", Content_Type=content_type)
+    req.body = body
+    return req
+
+
+async def test_message_is_held_pushed_and_delivered_in_order_when_the_device_registers(
+) -> None:
+    """MESSAGE → 200, held encrypted in the store and an alert push; the device REGISTERs →
+    each held message goes to it as a MESSAGE (original From/To, Date, type, body) and, on
+    200, is dropped from the store."""
+    store = FakeStore()
+    d, _, endpoint, push = driver(store=store)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(d.run)
+        for text in (b"first", b"second"):
+            response = await d.handle_request(message(text), CALLER)
+            assert response is not None and response.status == 200
+        await settle()
+        assert [p.kind for p in push.sent] == [PushKind.MESSAGE, PushKind.MESSAGE]
+        assert [m.body for m in await store.held_messages(RECORD.id)] == [b"first", b"second"]
+        endpoint.answers = [200, 200]
+        assert (await device_register(d)).status == 200
+        await settle()
+        nursery.cancel_scope.cancel()
+    assert [r.body for r, _ in endpoint.requests] == [b"first", b"second"]
+    sent, dest = endpoint.requests[0]
+    assert sent.method == "MESSAGE" and str(sent.uri) == "sip:phone@10.0.0.2:5060"
+    assert (dest.host, dest.port) == (PHONE.host, PHONE.port)
+    assert sent.from_.uri == URI.parse("sip:bob@sip.test") and sent.from_.tag
+    assert sent.from_.display_name == "Bob" and sent.from_.tag != "caller"
+    assert str(sent.to.uri) == "sip:alice@sip.test" and sent.to.tag is None
+    assert sent.headers.get("Content-Type") == "text/plain"
+    assert (sent.headers.get("Date") or "").endswith("GMT")
+    assert sent.call_id != "message-1@test"
+    assert await store.held_messages(RECORD.id) == []
+
+
+async def test_a_temporary_refusal_keeps_the_message_for_the_next_register() -> None:
+    """480 (or a timeout) from the device: kept, in order; delivered at the next REGISTER."""
+    store = FakeStore()
+    d, _, endpoint, _ = driver(store=store)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(d.run)
+        await d.handle_request(message(b"one"), CALLER)
+        await d.handle_request(message(b"two"), CALLER)
+        endpoint.answers = [480]
+        await device_register(d)
+        await settle()
+        assert [m.body for m in await store.held_messages(RECORD.id)] == [b"one", b"two"]
+        assert len(endpoint.requests) == 1  # stopped at the first failure: order is kept
+        endpoint.answers = [200, 415]  # a permanent refusal drops the message too
+        assert (await device_register(d, cseq=3)).status == 200
+        await settle()
+        nursery.cancel_scope.cancel()
+    assert [r.body for r, _ in endpoint.requests] == [b"one", b"one", b"two"]
+    assert await store.held_messages(RECORD.id) == []
+
+
+async def test_message_for_a_live_binding_is_delivered_at_once_without_a_push() -> None:
+    store = FakeStore()
+    d, _, endpoint, push = driver(store=store)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(d.run)
+        await device_register(d)
+        endpoint.answers = [200]
+        response = await d.handle_request(message(b"hi"), CALLER)
+        assert response is not None and response.status == 200
+        await settle()
+        nursery.cancel_scope.cancel()
+    assert push.sent == []
+    assert [r.body for r, _ in endpoint.requests] == [b"hi"]
+    assert await store.held_messages(RECORD.id) == []
+
+
+async def test_is_composing_is_answered_200_and_neither_held_nor_pushed() -> None:
+    store = FakeStore()
+    d, _, _, push = driver(store=store)
+    body = b'<?xml version="1.0"?><isComposing><state>active</state></isComposing>'
+    response = await d.handle_request(
+        message(body, "application/im-iscomposing+xml"), CALLER)
+    assert response is not None and response.status == 200
+    assert push.sent == [] and await store.held_messages(RECORD.id) == []
+
+
+async def test_past_the_held_maximum_a_message_is_486_and_not_pushed() -> None:
+    store = FakeStore()
+    d, _, _, push = driver(store=store, max_held_messages=2)
+    statuses = []
+    for n in range(3):
+        response = await d.handle_request(message(b"m%d" % n), CALLER)
+        assert response is not None
+        statuses.append(response.status)
+    assert statuses == [200, 200, 486]
+    assert len(push.sent) == 2
+
+
+async def test_held_messages_expire_with_the_retention(
+        autojump_clock: trio.testing.MockClock) -> None:
+    now = [1000.0]
+    store = FakeStore()
+    d = CallDriver(store=store, push=FakePush(), clock=lambda: now[0], settings=DriverSettings(
+        public_host="127.0.0.1", local_hosts=frozenset({"127.0.0.1"}),
+        message_retention=60.0, call_record_retention=600.0))
+    d.attach(endpoint=FakeEndpoint(), service=FakeService())
+    await d.handle_request(message(), CALLER)
+    assert await d.purge() == (0, 0)
+    now[0] += 61
+    assert await d.purge() == (1, 0)
+    assert await store.held_messages(RECORD.id) == []
+
+
+async def test_every_finished_call_leaves_a_call_record_until_the_retention(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """A call nobody answered is recorded as missed, with the caller and the call ref of its
+    pushes; GET …/calls (call_records) stops showing it after the retention, purge drops it."""
+    now = [5000.0]
+    store = FakeStore()
+    push = FakePush()
+    d = CallDriver(store=store, push=push, clock=lambda: now[0], settings=DriverSettings(
+        public_host="127.0.0.1", local_hosts=frozenset({"127.0.0.1"}),
+        call=CallConfig(ring_timeout=2.0, progress_timeout=2.0), call_record_retention=600.0))
+    d.attach(endpoint=FakeEndpoint(), service=FakeService())
+    await invite(d)
+    [record] = await d.call_records(RECORD.id)
+    assert record.outcome == "missed" and record.call == push.sent[0].call
+    assert record.from_uri == "sip:bob@sip.test" and record.from_name == "Bob"
+    assert record.sip_call_id == "invite-1@test" and record.started_at == 5000.0
+    now[0] += 601
+    assert await d.call_records(RECORD.id) == []
+    assert await d.purge() == (0, 1)
+
+
+async def test_forget_instance_drops_its_device_bindings() -> None:
+    """Any wipe (API, sweeper, CLI) tells the driver: the device binding goes with it."""
+    d, *_ = driver()
+    await device_register(d)
+    assert d.registrar.bindings.live(RECORD.id, trio.current_time())
+    d.forget_instance(RECORD.id, "deleted")
+    assert not d.registrar.bindings.live(RECORD.id, trio.current_time())

@@ -812,3 +812,99 @@ async def test_direct_requests_to_sipis_unknown_token_404_relay_403_and_garbage_
                                    transport=transport.upper())
             replies = await raw_sip_send_async(options, transport, addr, wait=0.5)
             assert _final_statuses(replies)[:1] == [200], (transport, replies)
+
+
+async def test_re_invite_update_and_info_pass_through_sipis_and_the_call_is_recorded(
+    tmp_path: Path, kamailio_factory: Any, caller_factory: Any, phone_factory: Any
+) -> None:
+    """After the answer, the caller's re-INVITE (→ 200 → ACK), UPDATE, INFO and BYE all reach
+    the phone along sipis's Record-Route and their 200s come back; GET …/calls then shows the
+    call as answered, with the caller and the call ref of its push."""
+    from tests.peers.phone import AsyncPhone
+
+    kamailio = kamailio_factory(fix_nated_register=True, fr_inv_timer=30000)
+    key = TestKey.generate()
+    apns = ApnsServer(public_key=key.public_key)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(apns.run)
+        async with running_daemon(tmp_path, push=live_apns(apns, key, tmp_path),
+                                  calls={"ring_timeout": "10s"}) as d:
+            resp = await d.create(instance_body(kamailio, transport="udp",
+                                                push={"token": os.urandom(32).hex()}))
+            assert resp.status_code == 201, resp.text
+            body = resp.json()
+            caller = caller_factory(kamailio.address, domain=kamailio.domain, from_user="bob")
+            run = caller.start(Scenario.CALL_MID_DIALOG, to_user="alice", timeout=20,
+                               hold_ms=200)
+            with trio.fail_after(5):
+                await apns.wait_received(1)
+            phone = AsyncPhone(phone_factory())
+            device = body["device"]
+            await phone.register(device["registrar"].replace(";transport=tcp", ""),
+                                 device["username"], body["secret"], realm=device["realm"],
+                                 transport="udp", auto_answer=[200])
+            incoming = await phone.wait_incoming_call(timeout=10)
+            seen = [(await phone.wait_call_request(method, timeout=10)).method
+                    for method in ("INVITE", "UPDATE", "INFO", "BYE")]
+            trace = await trio.to_thread.run_sync(run.wait)
+            assert trace.ok, trace.describe()
+            calls = await d.client.get(f"/v1/instances/{body['id']}/calls",
+                                       headers={"authorization": f"Bearer {body['secret']}"})
+        nursery.cancel_scope.cancel()
+    assert seen == ["INVITE", "UPDATE", "INFO", "BYE"]
+    for method in ("UPDATE", "INFO", "BYE"):
+        assert trace.statuses(method) == [200], trace.describe()
+    assert trace.statuses("INVITE")[-1] == 200
+    assert incoming.header("Record-Route") is not None
+    assert calls.status_code == 200, calls.text
+    [record] = calls.json()["calls"]
+    assert record["outcome"] == "answered"
+    assert record["from_uri"] == f"sip:bob@{kamailio.domain}"
+    assert record["call"] == apns.pushes[0].sipis["call"]
+
+
+async def test_message_is_held_and_delivered_to_the_phone_when_it_registers(
+    tmp_path: Path, kamailio_factory: Any, caller_factory: Any, phone_factory: Any
+) -> None:
+    """A MESSAGE with no phone registered is held (alert push sent); when the woken phone
+    registers to sipis it receives the MESSAGE with the sender and the text; a DELETE of the
+    instance then drops the phone's binding at sipis too."""
+    from tests.peers.phone import AsyncPhone
+
+    kamailio = kamailio_factory(fix_nated_register=True, fr_inv_timer=30000)
+    key = TestKey.generate()
+    apns = ApnsServer(public_key=key.public_key)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(apns.run)
+        async with running_daemon(tmp_path, push=live_apns(apns, key, tmp_path)) as d:
+            resp = await d.create(instance_body(kamailio, transport="udp",
+                                                push={"token": os.urandom(32).hex()}))
+            assert resp.status_code == 201, resp.text
+            body = resp.json()
+            auth = {"authorization": f"Bearer {body['secret']}"}
+            caller = caller_factory(kamailio.address, domain=kamailio.domain, from_user="bob")
+            trace = await caller.run_async(Scenario.MESSAGE, to_user="alice", timeout=10,
+                                           body="See you at eight")
+            assert trace.ok, trace.describe()
+            with trio.fail_after(5):
+                await apns.wait_received(1)
+            phone = AsyncPhone(phone_factory())
+            device = body["device"]
+            await phone.register(device["registrar"].replace(";transport=tcp", ""),
+                                 device["username"], body["secret"], realm=device["realm"],
+                                 transport="udp")
+            got = await phone.wait_message(timeout=10)
+            assert d.daemon.calls is not None and d.daemon.store is not None
+            with trio.fail_after(5):
+                while await d.daemon.store.held_messages(body["id"]):
+                    await trio.sleep(0.05)
+            assert d.daemon.calls.registrar.bindings.live(body["id"], trio.current_time())
+            deleted = await d.client.delete(f"/v1/instances/{body['id']}", headers=auth)
+            assert deleted.status_code == 204
+            assert not d.daemon.calls.registrar.bindings.live(body["id"], trio.current_time())
+        nursery.cancel_scope.cancel()
+    assert got.body.rstrip() == "See you at eight"
+    assert f"sip:bob@{kamailio.domain}" in got.from_uri
+    assert got.content_type.startswith("text/plain")
+    assert got.header("Date") is not None
+    assert [p.sipis["type"] for p in apns.pushes] == ["message"]

@@ -84,3 +84,22 @@ def test_an_unusable_apns_key_stops_start_up_with_a_config_error(tmp_path: Path)
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 78, done.stderr[-2000:]
     assert "push.apns" in done.stderr
+
+
+async def test_nonce_and_record_route_keys_survive_a_restart(tmp_path: Path) -> None:
+    """Both keys come from the store's key file: a Record-Route token and a device nonce made
+    before a restart are still good after it (a new key file would make new ones)."""
+    from sipis.calls.device import NonceStatus
+    from sipis.sip.headers import URI
+
+    async with running_daemon(tmp_path) as d:
+        assert d.daemon.calls is not None
+        token = d.daemon.calls.signer.dialog_token("cid@x", "tag1", "contact-token")
+        nonce = d.daemon.calls.registrar.nonce_issuer.issue("127.0.0.1", 1000.0)
+    async with running_daemon(tmp_path) as d:
+        assert d.daemon.calls is not None
+        assert d.daemon.calls.signer.dialog_token("cid@x", "tag1", "contact-token") == token
+        uri = URI.parse(f"sip:127.0.0.1:5060;lr;r={token};sipis")
+        assert d.daemon.calls.signer.verify(uri, call_id="cid@x", tag="tag1") is not None
+        issuer = d.daemon.calls.registrar.nonce_issuer
+        assert issuer.status(nonce, "127.0.0.1", 1001.0) is NonceStatus.VALID

@@ -70,6 +70,8 @@ class Scenario(enum.StrEnum):
 
     CALL = "uac_call"
     """INVITE → 100?/180*/183? → 200 → ACK → hold → BYE → 200."""
+    CALL_MID_DIALOG = "uac_call_mid_dialog"
+    """CALL, with a re-INVITE (→ 200 → ACK), an UPDATE and an INFO between ACK and BYE."""
     CALLEE_HANGS_UP = "uac_callee_hangs_up"
     """INVITE → 200 → ACK → wait for the callee's BYE → 200."""
     CANCEL = "uac_cancel"

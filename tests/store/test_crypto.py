@@ -311,3 +311,16 @@ def test_verifier_check_of_odd_unicode_does_not_raise() -> None:
     verifier = make_verifier(new_secret())
     assert not check_verifier("\ud800 lone surrogate", verifier)
     assert not check_verifier("ünïcode", verifier)
+
+
+def test_derived_keys_are_stable_per_active_key_and_distinct_per_purpose(tmp_path: Path) -> None:
+    """Same key file → same sub-keys (they survive a restart); another purpose or another
+    active key → another sub-key."""
+    path = tmp_path / "keys"
+    KeyRing.generate_file(path)
+    first, again = KeyRing.load(path), KeyRing.load(path)
+    assert first.derive("nonce") == again.derive("nonce")
+    assert len(first.derive("nonce")) == 32
+    assert first.derive("nonce") != first.derive("record-route")
+    KeyRing.add_key_to_file(path)
+    assert KeyRing.load(path).derive("nonce") != first.derive("nonce")

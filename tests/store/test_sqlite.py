@@ -379,7 +379,7 @@ async def test_version_1_database_is_migrated_in_place(db_path: Path, keyring: K
         await store.close()
     conn = sqlite3.connect(db_path)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     finally:
         conn.close()
 
