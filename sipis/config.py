@@ -571,6 +571,26 @@ class StoreConfig:
     key_file: Path = attrs.field(default=Path("var/sipis.key"), metadata=_meta(_path))
     # Development only: generate the key file on first start when it is missing.
     create_key_file: bool = attrs.field(default=False, metadata=_meta(_bool))
+    # The daemon's admin control socket (Unix, mode 0600); None = sipis.ctl beside ``path``.
+    admin_socket: Path | None = attrs.field(default=None, metadata=_meta(_optional(_path)))
+
+
+#: Longest path a Unix socket may have on Linux (``sun_path`` is 108 bytes with its NUL).
+UNIX_SOCKET_PATH_MAX: Final = 107
+
+
+@_check(StoreConfig)
+def _check_store(store: StoreConfig, path: str, ctx: _Ctx) -> StoreConfig:
+    """Fill in the admin socket beside the database, and refuse one too long to bind."""
+    if store.admin_socket is None:
+        store = attrs.evolve(store, admin_socket=store.path.parent / "sipis.ctl")
+    assert store.admin_socket is not None
+    size = len(os.fsencode(store.admin_socket))
+    if size > UNIX_SOCKET_PATH_MAX:
+        ctx.fail(_join(path, "admin_socket"),
+                 f"the socket path is {size} bytes, more than the {UNIX_SOCKET_PATH_MAX} a "
+                 "Unix socket allows: set a shorter store.admin_socket")
+    return store
 
 
 @attrs.frozen(kw_only=True)
@@ -691,6 +711,8 @@ class LifetimeConfig:
         factory=lambda: MappingProxyType({}), metadata=_meta(_domains))
     not_registered_max_age: float = attrs.field(default=12 * 3600.0, metadata=_meta(_duration()))
     sweep_interval: float = attrs.field(default=30.0, metadata=_meta(_duration()))
+    expiry_warnings: tuple[float, ...] = attrs.field(default=(12 * 3600.0, 3600.0),
+                                                     metadata=_meta(_list(_duration())))
 
 
 @attrs.frozen(kw_only=True)
@@ -807,6 +829,7 @@ class CallsConfig:
 
     ring_timeout: float = attrs.field(default=120.0, metadata=_meta(_duration()))  # T1
     progress_timeout: float = attrs.field(default=120.0, metadata=_meta(_duration()))  # T2
+    timer_c: float = attrs.field(default=180.0, metadata=_meta(_duration()))  # RFC 3261 16.8
     message_retention: float = attrs.field(default=7 * 86400.0, metadata=_meta(_duration()))
     max_held_messages: int = attrs.field(default=100, metadata=_meta(_int(1, 100_000)))
     call_record_retention: float = attrs.field(default=7 * 86400.0,

@@ -2,7 +2,8 @@
 
 Lifecycle (STYLE.md item 8):
 
-    outer nursery: store (opened first, closed last), signal watcher
+    admin control socket (bound before anything else, removed last; sipis.admin)
+    outer nursery: store (opened first, closed last), signal watcher, metrics listener
       inner nursery: SIP endpoint → registration keeper → instance load → sweeper → HTTPS API
 
 Each service is started with ``nursery.start()`` so that ``READY`` means every listener is bound
@@ -13,26 +14,40 @@ stay at the providers and are refreshed after the restart), let in-flight store 
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import signal
+import ssl
+import time
 from pathlib import Path
 
 import attrs
 import trio
 
 from sipis import __version__
+from sipis.admin import ControlSocket, DaemonAdmin, control_socket_path
+from sipis.api.app import instrument_app
 from sipis.api.schemas import ExpiresPolicy
 from sipis.api.server import ApiServer
-from sipis.api.tls import ensure_self_signed
+from sipis.api.tls import ensure_self_signed, ssl_context_for
 from sipis.calls.call import CallConfig
 from sipis.calls.driver import CallDriver, DriverSettings
 from sipis.config import ApnsConfig, Config, ConfigError, FcmConfig, load_config
-from sipis.instances import DomainLifetime, InstancePolicy, InstanceService
+from sipis.instances import DomainLifetime, InstancePolicy, InstanceService, WipeReason
 from sipis.logs import quiet_header_loggers, setup_logging
+from sipis.metrics import Metrics
 from sipis.notify import Notifier
 from sipis.push.apns import ApnsClient, ApnsSettings
-from sipis.push.base import PushClient, PushConfigError
+from sipis.push.base import (
+    InvalidToken,
+    PushClient,
+    PushConfigError,
+    PushError,
+    PushKind,
+    PushRequest,
+    PushTarget,
+)
 from sipis.push.dispatcher import PushDispatcher
 from sipis.push.fcm import FcmClient, FcmSettings
 from sipis.push.logsink import LogPushClient
@@ -43,6 +58,7 @@ from sipis.sip.endpoint import EndpointConfig, ListenSpec, SipEndpoint
 from sipis.sip.transaction import TimerConfig
 from sipis.store.crypto import KeyRing
 from sipis.store.errors import StoreError
+from sipis.store.models import InstanceRecord
 from sipis.store.sqlite import SqliteStore
 
 log = logging.getLogger(__name__)
@@ -93,7 +109,8 @@ def driver_settings(config: Config, local_hosts: frozenset[str]) -> DriverSettin
         local_hosts=local_hosts,
         transports=tuple(preferred),
         call=CallConfig(ring_timeout=config.calls.ring_timeout,
-                        progress_timeout=config.calls.progress_timeout),
+                        progress_timeout=config.calls.progress_timeout,
+                        timer_c=config.calls.timer_c),
         message_body=config.push.message_body,
         min_expires=config.calls.device_min_expires,
         max_expires=config.calls.device_max_expires,
@@ -144,6 +161,7 @@ def instance_policy(config: Config, endpoint: SipEndpoint | None = None) -> Inst
         allowed_apps=tuple(config.api.allowed_apps),
         device_registrar=device_registrar,
         realm=config.sip.public_host,
+        expiry_warnings=tuple(lifetime.expiry_warnings),
     )
 
 
@@ -220,28 +238,58 @@ class Daemon:
     push: PushDispatcher | None = None
     calls: CallDriver | None = None
     api_port: int | None = None
+    control: ControlSocket | None = None  # the admin socket (sipis.admin), bound in run()
+    metrics: Metrics = attrs.Factory(Metrics)  # own registry per daemon
+    metrics_port: int | None = None  # bound port of /metrics (None: metrics.enabled false)
     ready: bool = False
     notifier: Notifier = attrs.Factory(Notifier.from_environ)  # sd_notify (systemd)
     _stop: trio.Event = attrs.Factory(trio.Event)
+    _hurry: trio.Event = attrs.Factory(trio.Event)  # a second SIGTERM: skip the grace period
+    _outer: trio.Nursery | None = None  # holds the push clients' connections (SIGHUP swaps)
+    _local_hosts: frozenset[str] = frozenset()
+    _expiry_push_limit: trio.CapacityLimiter = attrs.Factory(lambda: trio.CapacityLimiter(50))
 
     def request_stop(self) -> None:
+        """Stop gracefully (SIGTERM); asked again while stopping, stop at once."""
+        if self._stop.is_set():
+            self._hurry.set()
         self._stop.set()
 
     async def run(self, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run until SIGTERM/SIGINT or ``request_stop()``."""
+        """Run until SIGTERM/SIGINT or ``request_stop()``.
+
+        The admin control socket is bound first, before the key file is read or the store is
+        opened: a second daemon on the same socket stops here (``admin.ControlSocketInUse``),
+        and ``sipis rotate-key`` cannot miss a daemon that loaded an older key file.
+        """
+        self.control = ControlSocket.bind(control_socket_path(self.config))
+        try:
+            await self._run(task_status=task_status)
+        finally:
+            self.control.close()
+
+    async def _run(self, *, task_status: trio.TaskStatus[Daemon]) -> None:
         config = self.config
         quiet_header_loggers()
         keyring = load_keyring(config)
         store_path = Path(config.store.path)
         store_path.parent.mkdir(parents=True, exist_ok=True)
         self.store = store = SqliteStore(store_path, keyring)
+        store.on_call_done = self.metrics.store_call
         await store.open()
         clients = push_clients(config)
-        self.push = PushDispatcher(clients, backoff_base=config.push.retry_backoff_base,
-                                   backoff_cap=config.push.retry_backoff_cap)
+        self.push = push = PushDispatcher(clients, backoff_base=config.push.retry_backoff_base,
+                                          backoff_cap=config.push.retry_backoff_cap,
+                                          on_request_done=self.metrics.push_request_done)
+        self.metrics.watch(pushes=lambda: push.statistics().counts)
         try:
             async with trio.open_nursery() as outer:
+                self._outer = outer
                 await outer.start(self._watch_signals)
+                if config.metrics.enabled:
+                    listen = config.metrics.listen
+                    self.metrics_port = await outer.start(self.metrics.serve, listen.host,
+                                                          listen.port)
                 await outer.start(self.notifier.run_watchdog)  # a trio task: a stuck loop stops it
                 for client in clients.values():
                     if isinstance(client, ApnsClient):
@@ -258,6 +306,7 @@ class Daemon:
                     self.notifier.stopping("stopping")
                     log.info("stopping: bindings stay registered upstream until they expire")
                     self.ready = False
+                    await self._drain()
                     inner.cancel_scope.cancel()
                 outer.cancel_scope.cancel()
         finally:
@@ -276,16 +325,19 @@ class Daemon:
         )
         local_hosts = {config.sip.public_host, "localhost"}
         local_hosts.update(item.host for item in config.sip.listen)
+        self._local_hosts = frozenset(local_hosts)
         assert self.push is not None
         self.calls = calls = CallDriver(
             store=self.store, push=self.push,
             settings=driver_settings(config, frozenset(local_hosts)),
             nonce_key=self.store.keyring.derive("device-registrar nonces"),
-            signer_key=self.store.keyring.derive("record-route tokens"))
+            signer_key=self.store.keyring.derive("record-route tokens"),
+            metrics=self.metrics)
         self.endpoint = endpoint = SipEndpoint(endpoint_config(config), handler=calls)
         await nursery.start(endpoint.run)
         self.keeper = keeper = RegistrationKeeper(
-            endpoint=endpoint, resolver=resolver, store=self.store, config=keeper_config(config)
+            endpoint=endpoint, resolver=resolver, store=self.store, config=keeper_config(config),
+            metrics=self.metrics,
         )
         await nursery.start(keeper.run)
         self.service = service = InstanceService(
@@ -293,6 +345,9 @@ class Daemon:
         )
         calls.attach(endpoint=endpoint, service=service)
         service.wipe_listeners.append(calls.forget_instance)
+        service.expiry_push = self._expiry_push
+        service.wipe_listeners.append(self.metrics.instance_wiped)
+        self.metrics.watch(instances=service.counts_by_state, calls=lambda: calls.outcomes)
         await nursery.start(calls.run)
         await service.load_all()
         await nursery.start(service.run_sweeper, lambda: self.config.lifetime.sweep_interval)
@@ -307,14 +362,41 @@ class Daemon:
             ready=lambda: self.ready,
             cert_file=cert_file if tls.enabled else None,
             key_file=key_file if tls.enabled else None,
-            expires=ExpiresPolicy(
-                default=config.registrar.default_expires,
-                minimum=config.registrar.min_expires,
-                maximum=config.registrar.max_expires,
-            ),
+            expires=expires_policy(config),
             calls=calls,
         )
+        instrument_app(self.api.app, self.metrics)
         self.api_port = await nursery.start(self.api.run)
+        assert self.control is not None  # bound in run()
+        await nursery.start(self.control.serve, DaemonAdmin(
+            service=service, store=self.store, keeper=keeper,
+            key_file=Path(config.store.key_file)))
+
+    async def _expiry_push(self, record: InstanceRecord) -> None:
+        """The sweeper's ``instance-expiring`` push, sent in the background (the sweep does
+        not wait for APNs/FCM); a dead token wipes the instance as any push would."""
+        assert self._outer is not None and self.push is not None
+        push = self.push
+        request = PushRequest(
+            kind=PushKind.INSTANCE_EXPIRING,
+            target=PushTarget(provider=record.push_provider, token=record.push_token,
+                              app=record.app, environment=record.push_environment),
+            instance=record.id, to_uri=record.aor, sent_at=int(time.time()))
+
+        async def send() -> None:
+            async with self._expiry_push_limit:
+                try:
+                    await push.send(request, deadline=trio.current_time() + 60.0)
+                except InvalidToken as exc:
+                    if self.service is not None:
+                        log.info("instance=%s push token refused (%s): wiping",
+                                 record.id[:8], exc.reason)
+                        await self.service.wipe(record.id, WipeReason.TOKEN_INVALID)
+                except PushError as exc:
+                    log.info("instance=%s instance-expiring push failed: %s", record.id[:8],
+                             exc.reason)
+
+        self._outer.start_soon(send)
 
     async def status_line(self) -> str:
         """systemd's STATUS=: stored instances and how many are registered upstream."""
@@ -325,36 +407,138 @@ class Daemon:
             return f"{registered} registered, store unavailable"
         return f"{total} instances, {registered} registered"
 
+    async def _drain(self) -> None:
+        """Graceful stop: the API stops taking requests (those in flight finish), new calls
+        get 503, and calls in progress — ringing or established, whose BYE must still pass
+        through us — may end within ``shutdown_grace``. Then everything is cancelled; the
+        store is closed last (every write is already durable)."""
+        if self.api is not None:
+            self.api.request_shutdown()
+        calls = self.calls
+        if calls is None:
+            return
+        calls.drain()
+        grace = self.config.shutdown_grace
+        if calls.busy and grace > 0:
+            log.info("stopping: waiting up to %.0fs for %d calls in progress", grace, calls.busy)
+        with trio.move_on_after(grace) as scope:
+            async with trio.open_nursery() as nursery:
+                async def hurry() -> None:
+                    await self._hurry.wait()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(hurry)
+                await calls.wait_idle()
+                nursery.cancel_scope.cancel()
+        if calls.busy:
+            log.warning("stopping: %d calls still in progress are cut (%s)", calls.busy,
+                        "grace period over" if scope.cancelled_caught else "asked again")
+
     async def _watch_signals(self, *, task_status: trio.TaskStatus[None]) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             task_status.started()
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    self.reload()
+                    await self.reload()
                 else:
                     log.info("received %s", signal.Signals(signum).name)
                     self.request_stop()
 
-    def reload(self) -> None:
-        """SIGHUP: re-read the file; apply what can change live, keep the old config on error."""
+    async def reload(self) -> None:
+        """SIGHUP: re-read the file and apply it live, or keep the old config whole.
+
+        Everything is checked before anything changes: the file (ConfigError), the push
+        credentials (new clients are built: an unreadable key fails here) and the API
+        certificate pair. Then the new settings go to the keeper, the instance policy, the
+        call driver, the endpoint (allow-list, timers), the API (allow-lists, limits, TLS
+        certificate for new handshakes) and the push dispatcher (new clients for new sends;
+        the old ones close once their in-flight sends are done). Calls in progress keep
+        their timers; registrations are untouched. RESTART_ONLY settings keep their values.
+        """
         if self.config_path is None:
             log.warning("SIGHUP: no config file to reload")
             return
         try:
-            new = load_config(self.config_path)
+            loaded = load_config(self.config_path)
+            new, changed = keep_restart_only(self.config, loaded)
+            clients = push_clients(new) if self.push is not None else {}
+            tls = new.api.tls
+            if self.api is not None and tls.enabled and tls.cert_file and tls.key_file:
+                ssl_context_for(tls.cert_file, tls.key_file)  # check before applying
         except ConfigError as exc:
             log.error("SIGHUP: keeping the old configuration: %s", exc)
             return
-        if new.sip.listen != self.config.sip.listen or new.api.listen != self.config.api.listen:
-            log.warning("SIGHUP: listen addresses changed; that takes a restart")
-        self.config = attrs.evolve(new, sip=attrs.evolve(new.sip, listen=self.config.sip.listen),
-                                   api=attrs.evolve(new.api, listen=self.config.api.listen))
+        except (OSError, ssl.SSLError) as exc:
+            log.error("SIGHUP: keeping the old configuration: api.tls: unusable certificate "
+                      "or key: %s", exc)
+            return
+        for name in changed:
+            log.warning("SIGHUP: %s changed; that takes a restart (the old value stays)", name)
+        self.config = new
         setup_logging(new.log.level, new.log.format)
         if self.keeper is not None:
-            self.keeper.reconfigure(keeper_config(self.config))
+            self.keeper.reconfigure(keeper_config(new))
         if self.service is not None:
-            self.service.policy = instance_policy(self.config, self.endpoint)
+            self.service.policy = instance_policy(new, self.endpoint)
+        if self.calls is not None:
+            self.calls.reconfigure(driver_settings(new, self._local_hosts))
+        if self.endpoint is not None:
+            fresh = endpoint_config(new)
+            self.endpoint.config = attrs.evolve(
+                self.endpoint.config, upstream_allow=fresh.upstream_allow, timers=fresh.timers,
+                user_agent=fresh.user_agent)
+        if self.api is not None:
+            self.api.reconfigure(new.api, expires_policy(new))
+            if tls.enabled and tls.cert_file and tls.key_file:
+                self.api.reload_tls(tls.cert_file, tls.key_file)
+        if self.push is not None:
+            await self._swap_push_clients(clients)
         log.info("SIGHUP: configuration reloaded")
+
+    async def _swap_push_clients(self, clients: dict[str, PushClient]) -> None:
+        assert self.push is not None and self._outer is not None
+        push = self.config.push
+        self.push.configure_backoff(push.retry_backoff_base, push.retry_backoff_cap)
+        for client in {id(c): c for c in clients.values()}.values():
+            if isinstance(client, ApnsClient):
+                await self._outer.start(client.run)
+        old = self.push.replace_clients(clients)
+        # A call push may retry until its ring timer ends: give the old clients that long.
+        self._outer.start_soon(functools.partial(
+            self.push.retire, old, timeout=self.config.calls.ring_timeout + 10))
+
+
+def expires_policy(config: Config) -> ExpiresPolicy:
+    reg = config.registrar
+    return ExpiresPolicy(default=reg.default_expires, minimum=reg.min_expires,
+                         maximum=reg.max_expires)
+
+
+#: Settings read only at start: a SIGHUP that changes them is logged, and they stay as they
+#: were until a restart.
+RESTART_ONLY = ("sip.listen", "sip.public_host", "sip.tls", "api.listen", "api.tls.enabled",
+                "api.tls.self_signed_dir", "store", "metrics")
+
+
+def _setting(config: Config, dotted: str) -> object:
+    value: object = config
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def keep_restart_only(old: Config, new: Config) -> tuple[Config, list[str]]:
+    """``new`` with every RESTART_ONLY setting taken from ``old``; and which ones differed."""
+    changed = [name for name in RESTART_ONLY if _setting(old, name) != _setting(new, name)]
+    merged = attrs.evolve(
+        new,
+        sip=attrs.evolve(new.sip, listen=old.sip.listen, public_host=old.sip.public_host,
+                         tls=old.sip.tls),
+        api=attrs.evolve(new.api, listen=old.api.listen, tls=attrs.evolve(
+            new.api.tls, enabled=old.api.tls.enabled,
+            self_signed_dir=old.api.tls.self_signed_dir)),
+        store=old.store, metrics=old.metrics)
+    return merged, changed
 
 
 async def run_daemon(config: Config, config_path: Path | None = None) -> None:

@@ -22,7 +22,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Protocol
 
 import attrs
@@ -193,6 +193,7 @@ class InstancePolicy:
     allowed_apps: tuple[str, ...] = ("*",)
     device_registrar: str = "sip:127.0.0.1:5060;transport=tcp"
     realm: str = "sipis"
+    expiry_warnings: tuple[float, ...] = (12 * 3600.0, 3600.0)  # seconds before expires_at
 
     def lifetime_for(self, domain: str, asked: int | None) -> int:
         """The app's lifetime (or the default), capped by the domain's policy."""
@@ -244,6 +245,11 @@ class InstanceService:
         # Told (instance id, reason) after each wipe, whoever asked for it: the call driver
         # drops the device bindings, metrics count wipes by reason. Must not raise or block.
         self.wipe_listeners: list[Callable[[str, str], None]] = []
+        # Sends the ``instance-expiring`` alert push (set by the daemon); None sends nothing.
+        self.expiry_push: Callable[[InstanceRecord], Awaitable[None]] | None = None
+        # id → (expires_at warned about, smallest offset warned): one push per offset per
+        # expiry; an extension (heard from) moves expires_at and re-arms the warnings.
+        self._warned: dict[str, tuple[float, float]] = {}
 
     # -- start-up and sweeping --------------------------------------------------------------
 
@@ -281,9 +287,40 @@ class InstanceService:
                 registered = status is not None and status.state == "registered"
                 if not registered and now - since >= self.policy.not_registered_max_age:
                     reason = WipeReason.NOT_REGISTERED
-            if reason is not None and await self.wipe(instance_id, reason):
-                wiped += 1
+            if reason is not None:
+                if await self.wipe(instance_id, reason):
+                    wiped += 1
+                continue
+            offset = self._warning_due(instance_id, expires_at, now)
+            if offset is not None:
+                await self._warn_expiring(instance_id, expires_at, offset)
         return wiped
+
+    def _warning_due(self, instance_id: str, expires_at: float, now: float) -> float | None:
+        """The offset of a warning due now and not yet sent for this expiry, if any."""
+        due = [o for o in self.policy.expiry_warnings if expires_at - o <= now]
+        if not due or self.expiry_push is None:
+            return None
+        offset = min(due)
+        warned = self._warned.get(instance_id)
+        if warned is not None and warned[0] == expires_at and warned[1] <= offset:
+            return None
+        return offset
+
+    async def _warn_expiring(self, instance_id: str, expires_at: float, offset: float) -> None:
+        """Send ``instance-expiring`` (SPEC.md "Lifetime"): the user can open the app and
+        renew. Not when the instance was heard from after that warning point (a lifetime
+        shorter than the offset): such a push would only be noise."""
+        self._warned[instance_id] = (expires_at, offset)
+        try:
+            record = await self._store.get(instance_id)
+        except NotFound:
+            return
+        if record.last_heard_at >= expires_at - offset or self.expiry_push is None:
+            return
+        log.info("instance=%s expires in %.0f s: instance-expiring push",
+                 short_id(instance_id), max(0.0, expires_at - self._clock()))
+        await self.expiry_push(record)
 
     async def run_sweeper(
         self,
@@ -408,6 +445,7 @@ class InstanceService:
             self._expiry.pop(instance_id, None)
             self._handed_to_app.discard(instance_id)
             self._ha1_cache.pop(instance_id, None)
+            self._warned.pop(instance_id, None)
         self._locks.pop(instance_id, None)
         if deleted:
             log.info("instance=%s wiped reason=%s", short_id(instance_id), reason)
@@ -438,6 +476,17 @@ class InstanceService:
 
     def registration_status(self, record: InstanceRecord) -> RegistrationStatus:
         return self._keeper.status(record.id) or record.registration
+
+    def counts_by_state(self) -> dict[str, int]:
+        """Live instances by registration state as the API shows it (``sipis_instances``):
+        instances handed to the app (foreground) count as unregistered."""
+        counts: dict[str, int] = {}
+        for instance_id in self._expiry:
+            status = self._keeper.status(instance_id)
+            state = ("unregistered" if instance_id in self._handed_to_app or status is None
+                     else status.state)
+            counts[state] = counts.get(state, 0) + 1
+        return counts
 
     def device_info(self, record: InstanceRecord) -> DeviceInfo:
         return DeviceInfo(
@@ -498,5 +547,9 @@ class ProviderUnreachable(InstanceError):
 
 
 def _token(nbytes: int) -> str:
-    """An unguessable URL- and SIP-user-safe token (base64url without padding)."""
-    return secrets.token_urlsafe(nbytes)
+    """An unguessable URL- and SIP-user-safe token (base64url without padding) that never
+    starts with "-", so that an id on a command line is never taken for an option."""
+    while True:
+        token = secrets.token_urlsafe(nbytes)
+        if not token.startswith("-"):
+            return token

@@ -46,31 +46,49 @@ def redact(text: str) -> str:
     return text
 
 
+#: ``instance=<short id>`` and ``call=<ref>`` as the modules write them into messages; the
+#: formatters lift them into fields of their own, so journald/Loki can select by them.
+_CONTEXT = re.compile(r"(?<![\w.-])(instance|call)=([A-Za-z0-9_-]{1,64})\b")
+
+
+def context_fields(msg: str) -> dict[str, str]:
+    """The instance id (short) and call reference a message names, first of each."""
+    fields: dict[str, str] = {}
+    for name, value in _CONTEXT.findall(msg):
+        fields.setdefault(name, value)
+    return fields
+
+
 class LogfmtFormatter(logging.Formatter):
-    """``ts=… level=… logger=… msg="…"``: one line, greppable, journald-friendly."""
+    """``ts=… level=… logger=… [instance=… call=…] msg="…"``: one line, greppable,
+    journald-friendly."""
 
     def format(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         msg = record.getMessage()
         if record.exc_info:
             msg += " exc=" + self.formatException(record.exc_info).replace("\n", "\\n")
-        msg = redact(msg).replace('"', '\\"').replace("\n", "\\n")
+        msg = redact(msg)
+        context = "".join(f"{k}={v} " for k, v in context_fields(msg).items())
+        msg = msg.replace('"', '\\"').replace("\n", "\\n")
         return f'ts={ts}.{int(record.msecs):03d}Z level={record.levelname.lower()} ' \
-               f'logger={record.name} msg="{msg}"'
+               f'logger={record.name} {context}msg="{msg}"'
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line."""
+    """One JSON object per line, with ``instance`` and ``call`` fields when named."""
 
     def format(self, record: logging.LogRecord) -> str:
         msg = record.getMessage()
         if record.exc_info:
             msg += "\n" + self.formatException(record.exc_info)
+        msg = redact(msg)
         return json.dumps({
             "ts": record.created,
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": redact(msg),
+            **context_fields(msg),
+            "msg": msg,
         })
 
 

@@ -102,8 +102,9 @@ def dns_server_factory(request: pytest.FixtureRequest) -> Iterator[DnsServerFact
 def no_secret_in_any_log_line() -> Iterator[None]:
     """After the whole suite: no log line holds a password, secret or full push token.
 
-    Every record logged anywhere in the run goes through the production formatter (the one
-    journald gets); daemons run as subprocesses log to files that are read too.
+    Every record logged anywhere in the run goes through both production formatters (logfmt
+    and JSON, what journald gets); daemons run as subprocesses log to files that are read
+    too.
     """
     import logging
 
@@ -113,7 +114,7 @@ def no_secret_in_any_log_line() -> Iterator[None]:
     yield
     logging.getLogger().removeHandler(handler)
     harness.SENSITIVE.update(DEFAULT_USERS.values())
-    texts = list(harness.LOG_LINES)
+    texts = list(harness.LOG_LINES) + list(harness.JSON_LOG_LINES)
     for path in harness.SUBPROCESS_LOGS:
         if path.exists():
             texts.extend(path.read_text(errors="replace").splitlines())

@@ -32,6 +32,9 @@ FORBIDDEN = (
     ("sipis.registrar", ("sipis.api", "sipis.calls", "sipis.push", "sipis.instances")),
     ("sipis.config", ("sipis.",)),
     ("sipis.logs", ("sipis.",)),
+    ("sipis.notify", ("sipis.",)),
+    ("sipis.metrics", ("sipis.api", "sipis.calls", "sipis.registrar", "sipis.instances",
+                       "sipis.daemon", "sipis.cli")),
 )
 
 

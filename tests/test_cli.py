@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
+import trio
 import yaml
 
 from sipis.store.crypto import KeyRing, make_verifier
@@ -128,3 +130,190 @@ def test_embedded_defaults_start_with_nothing_but_the_config(tmp_path: Path) -> 
         finally:
             proc.terminate()
             assert proc.wait(timeout=20) == 0
+
+
+# -- admin commands (issue 6): keygen, instances delete and rotate-key without a daemon --------
+
+
+def test_a_usage_error_exits_64() -> None:
+    """An unknown command or a missing argument: EX_USAGE (64), as sysexits says."""
+    assert sipis("no-such-command").returncode == 64
+    assert sipis("instances", "delete").returncode == 64
+
+
+def test_keygen_writes_a_private_key_file_and_never_overwrites(tmp_path: Path) -> None:
+    """keygen -o: a 0600 file with one key (not printed); a second run exits 73, untouched."""
+    key = tmp_path / "store.key"
+    done = sipis("keygen", "-o", str(key))
+    assert done.returncode == 0, done.stderr
+    ring = KeyRing.load(key)
+    assert len(ring.key_ids) == 1 and ring.active_key_id in done.stdout
+    assert key.stat().st_mode & 0o777 == 0o600
+    secret_part = key.read_text().split()[-1]
+    assert secret_part not in done.stdout + done.stderr
+    before = key.read_bytes()
+    again = sipis("keygen", "-o", str(key))
+    assert again.returncode == 73 and "refusing to overwrite" in again.stderr
+    assert key.read_bytes() == before
+
+
+def test_keygen_defaults_to_the_configured_key_file(tmp_path: Path) -> None:
+    """Without -o, keygen writes store.key_file of the config."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"store": {"key_file": str(tmp_path / "k")},
+                                   "api": {"tls": {"enabled": False}}}))
+    assert sipis("keygen", "-c", str(cfg)).returncode == 0
+    assert len(KeyRing.load(tmp_path / "k").key_ids) == 1
+
+
+def record(n: int) -> InstanceRecord:
+    return InstanceRecord(
+        id=f"rot-{n:05d}", secret_verifier=make_verifier("s"), app="com.example.phone",
+        aor=f"sip:user{n}@sip.test", username=f"user{n}", password=f"rotate-pw-{n:05d}",
+        registrar=None, outbound_proxy=None, expires=600, push_provider="fcm",
+        push_token=f"rotate-push-token-{n:05d}", push_environment=None,
+        contact_token=f"rottok{n:05d}", instance_urn="urn:uuid:1", lifetime=3600,
+        created_at=float(n), last_heard_at=0.0, expires_at=4_000_000_000.0,
+        device_ha1={"MD5": "0" * 32, "SHA-256": "1" * 64},
+    )
+
+
+async def seeded(directory: Path, count: int) -> Path:
+    """A store of ``count`` instances written as a running sipis would; returns the config."""
+    store = SqliteStore(directory / "sipis.db", KeyRing.generate_file(directory / "sipis.key"))
+    await store.open()
+    try:
+        for n in range(count):
+            await store.insert(record(n))
+    finally:
+        await store.close()
+    cfg = directory / "c.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "store": {"path": str(directory / "sipis.db"), "key_file": str(directory / "sipis.key")},
+        "api": {"tls": {"enabled": False}}}))
+    return cfg
+
+
+async def passwords(directory: Path) -> dict[str, str]:
+    """Every stored password, decrypted with the key file as it is on disk now."""
+    store = SqliteStore(directory / "sipis.db", KeyRing.load(directory / "sipis.key"))
+    await store.open()
+    try:
+        return {rec.id: rec.password for rec in await store.list_all()}
+    finally:
+        await store.close()
+
+
+async def test_instances_delete_without_a_daemon_wipes_and_says_upstream_stays(
+    tmp_path: Path,
+) -> None:
+    """No daemon: exit 0 and the row is gone (scrubbed); the upstream binding is left to
+    expire, and the output says so; a second delete exits 1 (no such instance)."""
+    cfg = await seeded(tmp_path, 2)
+    done = sipis("instances", "delete", "rot-00001", "-c", str(cfg))
+    assert done.returncode == 0, done.stderr
+    assert "not running" in done.stdout and "expires at the provider" in done.stdout
+    assert list(await passwords(tmp_path)) == ["rot-00000"]
+    assert b"rot-00001" not in (tmp_path / "sipis.db").read_bytes()
+    again = sipis("instances", "-c", str(cfg), "delete", "rot-00001")
+    assert again.returncode == 1 and "no instance rot-00001" in again.stderr
+
+
+async def test_rotate_key_without_a_daemon(tmp_path: Path) -> None:
+    """rotate-key: one new key in the file, every password still readable, exit 0."""
+    cfg = await seeded(tmp_path, 20)
+    old = KeyRing.load(tmp_path / "sipis.key").active_key_id
+    done = sipis("rotate-key", "-c", str(cfg))
+    assert done.returncode == 0, done.stderr
+    ring = KeyRing.load(tmp_path / "sipis.key")
+    assert ring.key_ids == (ring.active_key_id,) and ring.active_key_id != old
+    assert f"dropped key(s) {old}" in done.stdout
+    assert await passwords(tmp_path) == {f"rot-{n:05d}": f"rotate-pw-{n:05d}" for n in range(20)}
+
+
+ROTATE_SEEDED = 2000
+#: (what to wait for, seconds to wait after it) before each SIGKILL. "key-file": the key file
+#: was replaced (a key was added); "wal": the rekey transaction has started writing; "start":
+#: the process was started.
+KILL_PLAN = (
+    ("key-file", 0.0), ("key-file", 0.002), ("wal", 0.0), ("key-file", 0.01),
+    ("wal", 0.005), ("key-file", 0.03), ("wal", 0.02), ("key-file", 0.06), ("key-file", 0.1),
+    ("wal", 0.05), ("key-file", 0.2), ("start", 0.5), ("start", 0.8),
+)
+
+
+def kill_at(proc: subprocess.Popen[bytes], directory: Path, trigger: str, delay: float) -> bool:
+    """SIGKILL ``proc`` ``delay`` s after ``trigger`` (polled every 0.5 ms); False if it ended
+    first."""
+    key_file, wal = directory / "sipis.key", directory / "sipis.db-wal"
+    inode = key_file.stat().st_ino
+    deadline = time.monotonic() + 60
+
+    def fired() -> bool:
+        if trigger == "start":
+            return True
+        try:
+            replaced = key_file.stat().st_ino != inode
+        except FileNotFoundError:
+            replaced = True
+        if trigger == "key-file":
+            return replaced
+        try:
+            return wal.stat().st_size > 0
+        except FileNotFoundError:
+            return False
+
+    while not fired():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(0.0005)
+    time.sleep(delay)
+    if proc.poll() is not None:
+        return False
+    proc.kill()
+    proc.wait()
+    return True
+
+
+@pytest.mark.slow
+async def test_rotate_key_killed_half_way_and_run_again_leaves_every_password_readable(
+    tmp_path: Path,
+) -> None:
+    """rotate-key SIGKILLed at many points (just after the key file changed, while the rekey
+    transaction writes, shortly after): every password decrypts with the key file on disk after
+    each kill, the file never holds more than two keys, and a final run completes: one key,
+    every value under it."""
+    cfg = await seeded(tmp_path, ROTATE_SEEDED)
+    expected = {f"rot-{n:05d}": f"rotate-pw-{n:05d}" for n in range(ROTATE_SEEDED)}
+    killed_mid_rotation = 0
+    for trigger, delay in KILL_PLAN:
+        proc = subprocess.Popen([sys.executable, "-m", "sipis", "rotate-key", "-c", str(cfg)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            killed = await trio.to_thread.run_sync(kill_at, proc, tmp_path, trigger, delay)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        if not killed:
+            assert proc.returncode == 0, (trigger, delay)
+        keys = KeyRing.load(tmp_path / "sipis.key").key_ids
+        assert 1 <= len(keys) <= 2, keys
+        killed_mid_rotation += killed and len(keys) == 2
+        wal = tmp_path / "sipis.db-wal"
+        print(f"{trigger}+{delay}s: killed={killed} keys={len(keys)} "
+              f"wal={wal.stat().st_size if wal.exists() else None}")
+        assert await passwords(tmp_path) == expected, (trigger, delay)
+    assert killed_mid_rotation >= 3  # the plan did interrupt rotations half-way
+    done = sipis("rotate-key", "-c", str(cfg))
+    assert done.returncode == 0, done.stderr
+    ring = KeyRing.load(tmp_path / "sipis.key")
+    assert ring.key_ids == (ring.active_key_id,)
+    assert await passwords(tmp_path) == expected
+    store = SqliteStore(tmp_path / "sipis.db", ring)
+    await store.open()
+    try:
+        assert await store.key_usage() == {ring.active_key_id: 3 * ROTATE_SEEDED}
+    finally:
+        await store.close()
+    assert not list(tmp_path.glob(".sipis.key.*.tmp"))

@@ -216,3 +216,69 @@ async def test_every_wipe_tells_the_wipe_listeners_once_with_its_reason() -> Non
     assert await gone(created.record.id)
     assert not await service.wipe(created.record.id, WipeReason.DELETED)
     assert len(heard) == 1
+
+
+async def test_instance_expiring_pushes_go_out_12h_and_1h_before_once_each() -> None:
+    """SPEC.md "Lifetime": the sweep sends one instance-expiring push when 12 h are left and
+    one when 1 h is left, never twice for the same expiry; being heard from moves the expiry
+    and re-arms them; the instance is wiped at its expiry."""
+    now = [T0]
+    store = MemoryStore()
+    service = InstanceService(store=store, keeper=cast(RegistrationKeeper, FakeKeeper()),
+                              policy=InstancePolicy(realm=REALM, lifetime_default=3 * 86400.0,
+                                                    not_registered_max_age=30 * 86400.0),
+                              clock=lambda: now[0])
+    sent: list[tuple[str, float]] = []
+
+    async def expiry_push(record: InstanceRecord) -> None:
+        sent.append((record.id, record.expires_at - now[0]))
+
+    service.expiry_push = expiry_push
+    created = await service.create(new_instance())
+    expires_at = created.record.expires_at
+    for at in (T0 + 3600, expires_at - 13 * 3600, expires_at - 12 * 3600 + 1,
+               expires_at - 11 * 3600, expires_at - 3599, expires_at - 60):
+        now[0] = at
+        assert await service.sweep() == 0
+    assert [round(left) for _, left in sent] == [12 * 3600 - 1, 3599]
+    now[0] = expires_at - 30 * 60
+    await service.touch(created.record.id)  # heard from: a new expiry, warnings re-armed
+    sent.clear()
+    now[0] = service_expiry(service, created.record.id) - 12 * 3600
+    await service.sweep()
+    assert len(sent) == 1
+    now[0] = service_expiry(service, created.record.id)
+    assert await service.sweep() == 1  # wiped at expiry, no warning then
+
+
+def service_expiry(service: InstanceService, instance_id: str) -> float:
+    return service._expiry[instance_id][0]
+
+
+async def test_no_instance_expiring_push_for_a_lifetime_shorter_than_the_warning() -> None:
+    """An instance that lives 2 h gets the 1 h warning but not the 12 h one (it was heard
+    from after that point: the push would be noise)."""
+    now = [T0]
+    service = InstanceService(store=MemoryStore(), keeper=cast(RegistrationKeeper, FakeKeeper()),
+                              policy=InstancePolicy(realm=REALM,
+                                                    not_registered_max_age=30 * 86400.0),
+                              clock=lambda: now[0])
+    sent: list[float] = []
+
+    async def expiry_push(record: InstanceRecord) -> None:
+        sent.append(record.expires_at - now[0])
+
+    service.expiry_push = expiry_push
+    created = await service.create(attrs.evolve(new_instance(), lifetime=7200))
+    for at in (T0 + 1, T0 + 1800, T0 + 3601, T0 + 3700):
+        now[0] = at
+        await service.sweep()
+    assert [round(x) for x in sent] == [3599]
+    assert created.record.expires_at == T0 + 7200
+
+
+def test_ids_and_contact_tokens_never_start_with_a_dash() -> None:
+    """`sipis instances delete ID` must not read an id as an option (1 in 64 would)."""
+    from sipis.instances import _token
+
+    assert not any(_token(16).startswith("-") for _ in range(5000))

@@ -28,6 +28,7 @@ import ipaddress
 import logging
 import math
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Final, Protocol
 
@@ -38,6 +39,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sipis.api import problems
 from sipis.api.openapi import openapi_document
@@ -439,6 +441,17 @@ class _Api:
     limiter: TokenBucketLimiter
     calls: CallControl | None = None
 
+    def reconfigure(self, config: ApiSettings, expires: ExpiresPolicy) -> None:
+        """New allow-lists, limits and expiry bounds for the requests that follow; the
+        create-rate buckets start afresh only if the rate itself changed."""
+        old = self.config.create_rate
+        self.config = config
+        self.expires = expires
+        rate = config.create_rate
+        if (rate.per_minute, rate.burst) != (old.per_minute, old.burst):
+            self.limiter = TokenBucketLimiter(per_minute=rate.per_minute, burst=rate.burst,
+                                              clock=self.limiter.clock)
+
     async def create(self, request: Request) -> Response:
         client = request.client.host if request.client else None
         retry_after = self.limiter.acquire(client_key(client))
@@ -551,6 +564,53 @@ class _Api:
         return JSONResponse(openapi_document())
 
 
+class RequestMetrics(Protocol):
+    """Where answered requests are counted (``sipis.metrics.Metrics`` fits)."""
+
+    def http_request(self, route: str, method: str, status: int, seconds: float) -> None: ...
+
+
+#: The ``route`` of a request that matched no route (a bounded label, unlike its path).
+UNMATCHED_ROUTE: Final = "unmatched"
+
+
+class _RequestMetricsMiddleware:
+    """Counts every HTTP request by route *template* (``/v1/instances/{id}``, never the id)
+    and status. Sits inside Starlette's ServerErrorMiddleware, so an escaping exception is
+    counted as the 500 that middleware answers."""
+
+    def __init__(self, app: ASGIApp, metrics: RequestMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+        started = time.monotonic()
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            # The router stores the matched (or, for a 405, the partly matched) route here.
+            route = getattr(scope.get("route"), "path", None)
+            self.metrics.http_request(route if isinstance(route, str) else UNMATCHED_ROUTE,
+                                      str(scope.get("method", "")), status,
+                                      time.monotonic() - started)
+
+
+def instrument_app(app: Starlette, metrics: RequestMetrics) -> None:
+    """Count the app's requests in ``metrics``; before the app serves its first request."""
+    app.add_middleware(_RequestMetricsMiddleware, metrics=metrics)
+
+
 def build_app(
     *,
     service: InstanceServiceAPI,
@@ -559,6 +619,7 @@ def build_app(
     expires: ExpiresPolicy | None = None,
     clock: Callable[[], float] = trio.current_time,
     calls: CallControl | None = None,
+    metrics: RequestMetrics | None = None,
 ) -> Starlette:
     """The HTTPS API app.
 
@@ -571,6 +632,7 @@ def build_app(
         clock: the rate limiter's clock (seconds, monotonic).
         calls: the call layer behind …/calls/{call}/progress and …/decline; when None those
             answer 404 (no call is known).
+        metrics: counts requests by route template and status (``instrument_app``).
     """
     api = _Api(
         service=service,
@@ -625,4 +687,7 @@ def build_app(
         exception_handlers={HTTPException: _http_exception, Exception: _server_error},
     )
     app.router.redirect_slashes = False
+    app.state.api = api  # ApiServer.reconfigure (SIGHUP) swaps its settings
+    if metrics is not None:
+        instrument_app(app, metrics)
     return app

@@ -69,9 +69,13 @@ class _TlsHypercornConfig(HypercornConfig):
 
     def __init__(self, context_factory: Callable[[], ssl.SSLContext]) -> None:
         self._context_factory = context_factory
+        self.live_context: ssl.SSLContext | None = None
 
     def create_ssl_context(self) -> ssl.SSLContext | None:
-        return self._context_factory() if self.ssl_enabled else None
+        if not self.ssl_enabled:
+            return None
+        self.live_context = self._context_factory()
+        return self.live_context
 
 
 class _ContainedTCPServer(TCPServer):
@@ -180,6 +184,25 @@ class ApiServer:
         self.key_file = key_file
         self.port: int | None = None
         self._shutdown = trio.Event()
+        self._hc: HypercornConfig | None = None
+
+    def reconfigure(self, config: ServerSettings, expires: ExpiresPolicy) -> None:
+        """SIGHUP: new allow-lists and limits for the next requests (the listen address stays:
+        that takes a restart)."""
+        self.config = config
+        self.app.state.api.reconfigure(config, expires)
+
+    def reload_tls(self, cert_file: Path | str, key_file: Path | str) -> None:
+        """SIGHUP: serve a renewed certificate from the next TLS handshake on; connections
+        already open keep theirs. The pair is checked on a fresh context first, so a bad pair
+        raises (OSError / ssl.SSLError) and changes nothing."""
+        ssl_context_for(cert_file, key_file)  # validates the pair
+        hc = self._hc
+        live = hc.live_context if isinstance(hc, _TlsHypercornConfig) else None
+        if live is None:
+            raise RuntimeError("the API is not serving TLS")
+        live.load_cert_chain(certfile=str(cert_file), keyfile=str(key_file))
+        self.cert_file, self.key_file = cert_file, key_file
 
     def request_shutdown(self) -> None:
         """Let in-flight requests finish (up to GRACEFUL_TIMEOUT), then close and return."""
@@ -223,7 +246,7 @@ class ApiServer:
         Raises:
             OSError: the address cannot be bound. ssl.SSLError: the cert/key are unusable.
         """
-        hc = self._hypercorn_config()
+        self._hc = hc = self._hypercorn_config()
         _contain_connection_errors()
         if self.cert_file is None:
             log.warning("HTTPS API without TLS on %s: only for tests and local proxies", hc.bind[0])

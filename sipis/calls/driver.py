@@ -195,6 +195,11 @@ class DriverEndpoint(Protocol):
     def flow_closed_channel(self) -> trio.MemoryReceiveChannel[FlowKey]: ...
 
 
+class CallMetrics(Protocol):
+    def call_push_accepted(self, seconds: float) -> None:
+        """Seconds from the INVITE's arrival to the push service's acceptance of its push."""
+
+
 @attrs.frozen
 class DriverSettings:
     """Configuration of the driver (from ``sip``, ``calls`` and ``push``)."""
@@ -240,6 +245,7 @@ class _Call:
     finished: bool = False
     final_status: int | None = None  # of the final we sent upstream
     started_at: float = 0.0  # unix time of the INVITE
+    invite_at: float = 0.0  # trio time the INVITE reached the driver (latency metric)
 
     def report(self, event: CallEvent) -> None:
         # The call is over: late news is dropped, as the machine would drop it.
@@ -273,8 +279,10 @@ class CallDriver:
         nonce_key: bytes | None = None,
         signer_key: bytes | None = None,
         clock: Callable[[], float] = time.time,
+        metrics: CallMetrics | None = None,
     ) -> None:
         self._store = store
+        self._metrics = metrics
         self._push = push
         self.settings = settings
         self._local_hosts = frozenset(h.lower() for h in settings.local_hosts)
@@ -296,6 +304,7 @@ class CallDriver:
         self._nursery: trio.Nursery | None = None
         self._is_ours: Callable[[URI], bool] = lambda uri: False
         self._delivering: set[str] = set()  # instances whose held messages are being sent
+        self._draining = False  # stopping: new calls are refused, calls in progress go on
         self.outcomes: collections.Counter[str] = collections.Counter()
 
     def __repr__(self) -> str:
@@ -329,6 +338,30 @@ class CallDriver:
                 await trio.sleep_forever()
             finally:
                 self._nursery = None
+
+    def reconfigure(self, settings: DriverSettings) -> None:
+        """SIGHUP: new timers, limits and bounds for calls, messages and device REGISTERs
+        from now on; calls in progress keep the timers they started with."""
+        self.settings = settings
+        self._local_hosts = frozenset(h.lower() for h in settings.local_hosts)
+        self.registrar.min_expires = settings.min_expires
+        self.registrar.max_expires = settings.max_expires
+        self.registrar.default_expires = settings.max_expires
+
+    def drain(self) -> None:
+        """Graceful stop: refuse new calls (503 with Retry-After, so the provider tries another
+        contact of the user or again later); calls in progress and dialogs go on."""
+        self._draining = True
+
+    @property
+    def busy(self) -> int:
+        """Calls in progress plus established dialogs routed through us."""
+        return len(self._calls) + len(self._dialogs)
+
+    async def wait_idle(self, poll: float = 0.1) -> None:
+        """Return once no call is in progress and every dialog has ended (BYE seen)."""
+        while self.busy:
+            await trio.sleep(poll)
 
     async def _purge_forever(self) -> None:
         while True:
@@ -622,6 +655,7 @@ class CallDriver:
     async def handle_invite(self, request: SipRequest, source: Source,
                             tx: ServerInviteHandle) -> None:
         """An initial INVITE to a contact token runs a call; a re-INVITE is proxied."""
+        invite_at = trio.current_time()
         try:
             in_dialog = self._has_our_route(request)
         except SipParseError:
@@ -636,6 +670,11 @@ class CallDriver:
         if self._service is None or self._endpoint is None:
             await tx.send_final(tx.make_response(503))
             return
+        if self._draining:
+            refused = tx.make_response(503, "Service Unavailable")
+            refused.headers.add("Retry-After", "30")
+            await tx.send_final(refused)
+            return
         found = await self._lookup(request)
         if isinstance(found, SipResponse):
             await tx.send_final(tx.make_response(found.status, found.reason))
@@ -643,15 +682,16 @@ class CallDriver:
         if request.max_forwards == 0:
             await tx.send_final(tx.make_response(483, "Too Many Hops"))
             return
-        await self._run_call(found, request, source, tx)
+        await self._run_call(found, request, source, tx, invite_at)
 
     async def _run_call(self, record: InstanceRecord, request: SipRequest, source: Source,
-                        tx: ServerInviteHandle) -> None:
+                        tx: ServerInviteHandle, invite_at: float) -> None:
         send, receive = trio.open_memory_channel[CallEvent](math.inf)
         ref = secrets.token_hex(8)
         async with trio.open_nursery() as outer, trio.open_nursery() as nursery:
             call = _Call(IncomingCall(self.settings.call), record, request, source, tx,
-                         ref, send, nursery, outer, started_at=self._clock())
+                         ref, send, nursery, outer, started_at=self._clock(),
+                         invite_at=invite_at)
             self._calls[(record.id, ref)] = call
             try:
                 nursery.start_soon(self._watch_cancel, call)
@@ -768,6 +808,8 @@ class CallDriver:
                          call.ref, exc.reason)
                 call.report(PushFailed(dead_token=False, reason=exc.reason))
             else:
+                if self._metrics is not None:
+                    self._metrics.call_push_accepted(trio.current_time() - call.invite_at)
                 call.report(PushAccepted())
 
         call.nursery.start_soon(send_call_push)

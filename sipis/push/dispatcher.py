@@ -12,7 +12,7 @@ import logging
 import random
 import types
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
 import attrs
@@ -59,15 +59,20 @@ class PushDispatcher:
         backoff_base: first retry delay in seconds (doubled per retry).
         backoff_cap: longest retry delay.
         rng: jitter source (tests pass a seeded ``random.Random``).
+        on_request_done: told ``(provider, seconds)`` after each try the client finished
+            (answered or failed, not cut off by the deadline): the push latency metric.
     """
 
     def __init__(self, clients: Mapping[str, PushClient], *, backoff_base: float = 0.5,
-                 backoff_cap: float = 8.0, rng: random.Random | None = None) -> None:
+                 backoff_cap: float = 8.0, rng: random.Random | None = None,
+                 on_request_done: Callable[[str, float], None] | None = None) -> None:
         self._clients = dict(clients)
+        self._on_request_done = on_request_done
         self._base = backoff_base
         self._cap = backoff_cap
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not a secret
         self._counts: Counter[tuple[str, str]] = Counter()
+        self._in_use: Counter[int] = Counter()  # id(client) → sends in progress on it
 
     def backoff(self, retry: int, retry_after: float | None = None) -> float:
         """Delay before retry number ``retry`` (1-based).
@@ -98,6 +103,19 @@ class PushDispatcher:
         if client is None:
             self._count(provider, "config-error")
             raise PushConfigError(f"no push client for provider {provider!r}")
+        # One client for the whole send, retries included, even if SIGHUP swaps the clients
+        # meanwhile: the old one is closed only once no send uses it (``retire``).
+        self._in_use[id(client)] += 1
+        try:
+            return await self._send_with(client, request, deadline)
+        finally:
+            self._in_use[id(client)] -= 1
+            if not self._in_use[id(client)]:
+                del self._in_use[id(client)]
+
+    async def _send_with(self, client: PushClient, request: PushRequest,
+                         deadline: float) -> PushResult:
+        provider = request.target.provider
         attempts = 0
         last: PushRetryable | None = None
         while True:
@@ -105,14 +123,18 @@ class PushDispatcher:
                 self._count(provider, "timeout")
                 raise PushError("deadline reached")
             with trio.move_on_at(deadline) as scope:
+                started = trio.current_time()
                 try:
                     result = await client.send(request)
                 except PushRetryable as exc:
+                    self._timed(provider, started)
                     last = exc
                 except PushError as exc:
+                    self._timed(provider, started)
                     self._count(provider, _result_of(exc))
                     raise
                 else:
+                    self._timed(provider, started)
                     self._count(provider, "accepted")
                     return attrs.evolve(result, attempts=attempts + result.attempts)
             attempts += 1
@@ -135,8 +157,34 @@ class PushDispatcher:
     def _count(self, provider: str, result: str) -> None:
         self._counts[(provider, result)] += 1
 
+    def _timed(self, provider: str, started: float) -> None:
+        if self._on_request_done is not None:
+            self._on_request_done(provider, trio.current_time() - started)
+
     def statistics(self) -> DispatcherStatistics:
         return DispatcherStatistics(types.MappingProxyType(dict(self._counts)))
+
+    def configure_backoff(self, base: float, cap: float) -> None:
+        """SIGHUP: new retry delays for the retries that follow."""
+        self._base = base
+        self._cap = cap
+
+    def replace_clients(self, clients: Mapping[str, PushClient]) -> list[PushClient]:
+        """SIGHUP: new clients (new credentials, endpoints, CA) for the sends that start from
+        now on. Returns the old clients that are no longer used, for :meth:`retire`."""
+        old = {id(c): c for c in self._clients.values()}
+        self._clients = dict(clients)
+        kept = {id(c) for c in self._clients.values()}
+        return [c for key, c in old.items() if key not in kept]
+
+    async def retire(self, clients: Sequence[PushClient], *, timeout: float) -> None:
+        """Close replaced clients once the sends still using them are done (or ``timeout``
+        has passed: a call push never outlives its ring timer)."""
+        with trio.move_on_after(timeout):
+            while any(self._in_use.get(id(c)) for c in clients):
+                await trio.sleep(0.1)
+        for client in clients:
+            await client.aclose()
 
     async def aclose(self) -> None:
         """Close every distinct client once."""

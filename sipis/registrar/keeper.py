@@ -75,6 +75,15 @@ class StatusStore(Protocol):
     async def set_registration(self, instance_id: str, status: RegistrationStatus) -> None: ...
 
 
+class RegisterMetrics(Protocol):
+    """Where REGISTER transactions are counted (``sipis.metrics.Metrics`` fits)."""
+
+    def register_done(self, result: str, seconds: float | None) -> None:
+        """One transaction ended: ``result`` as in ``register_result()`` or a failure kind;
+        ``seconds`` until the final answer, None when none came."""
+        ...
+
+
 @attrs.frozen
 class KeeperConfig:
     """The ``registrar`` section as the keeper needs it."""
@@ -106,6 +115,13 @@ class TokenBucket:
 
     async def acquire(self) -> None:
         """Wait until a token is free and take it."""
+        if not self._lock.locked():
+            # Fast path, no waiter queued: take a free token without the lock's scheduling.
+            await trio.lowlevel.checkpoint_if_cancelled()
+            self._refill(trio.current_time())
+            if self._tokens >= 1.0:
+                self._tokens -= 1.0
+                return
         async with self._lock:
             self._refill(trio.current_time())
             if self._tokens < 1.0:
@@ -151,8 +167,10 @@ class RegistrationKeeper:
         store: StatusStore,
         config: KeeperConfig,
         rng: random.Random | None = None,
+        metrics: RegisterMetrics | None = None,
     ) -> None:
         self._endpoint = endpoint
+        self._metrics = metrics
         self._resolver = resolver
         self._store = store
         self.config = config
@@ -290,7 +308,11 @@ class RegistrationKeeper:
             expires=record.expires,
         )
         binding = Binding(params, self.config.policy, rng=self._rng, report_outcome=report_outcome)
-        return _Entry(record=record, binding=binding, target_uri=target_uri)
+        # What the store holds already counts as persisted: after a restart, re-registering
+        # a stored "registered" instance then writes nothing (one disk write per instance
+        # saved on a cold start), unless PERSIST_REGISTERED_EVERY has passed.
+        return _Entry(record=record, binding=binding, target_uri=target_uri,
+                      persisted=record.registration)
 
     def _contact(self, record: InstanceRecord, transport: str) -> Address:
         host, port = self._endpoint.contact_host_port(transport)
@@ -407,6 +429,7 @@ class RegistrationKeeper:
     async def _transact(self, entry: _Entry, request: SipRequest) -> list[Action]:
         self.registers_sent += 1
         contact_transport = entry.binding.params.contact.uri.transport or "udp"
+        started = trio.current_time()
         try:
             targets = [
                 t for t in await self._resolver.resolve(entry.target_uri)
@@ -416,14 +439,23 @@ class RegistrationKeeper:
                 raise ResolveError(f"no {contact_transport} target for {entry.target_uri.host}")
             result = await self._endpoint.request(request, targets)
         except ResolveError as exc:
+            self._count("resolve-error", None)
             return entry.binding.on_failure(FailureKind.RESOLVE, str(exc), trio.current_time())
         except TransactionTimeout as exc:
+            self._count("timeout", None)
             return entry.binding.on_failure(FailureKind.TIMEOUT, str(exc), trio.current_time())
         except (TransportError, SipParseError) as exc:
+            self._count("transport-error", None)
             return entry.binding.on_failure(FailureKind.TRANSPORT, str(exc), trio.current_time())
         entry.flow = result.flow
         response = result.response
+        status = getattr(response, "status", 0)
+        self._count(register_result(status), trio.current_time() - started)
         return entry.binding.on_response(response, trio.current_time())  # type: ignore[arg-type]
+
+    def _count(self, result: str, seconds: float | None) -> None:
+        if self._metrics is not None:
+            self._metrics.register_done(result, seconds)
 
     def _apply_local(self, entry: _Entry, actions: list[Action]) -> list[SendRegister]:
         """Apply schedule/outcome/status actions; return the REGISTERs still to send."""
@@ -502,6 +534,19 @@ class RegistrationKeeper:
                 entry.flow = None
                 log.info("instance=%s flow lost, registering again", _short(entry.record.id))
                 self._run_actions(entry, entry.binding.on_flow_lost(now))
+
+
+#: SIP statuses of a REGISTER answer counted on their own; others by class ("2xx", "4xx"):
+#: 401/407 are digest challenges, 403/404 refusals that end in auth-failed, 423 Interval Too
+#: Brief. A bounded set, so it can be a metric label.
+REGISTER_STATUSES = frozenset({401, 403, 404, 407, 423})
+
+
+def register_result(status: int) -> str:
+    """The ``result`` of a REGISTER transaction answered with ``status``."""
+    if status in REGISTER_STATUSES:
+        return str(status)
+    return f"{max(1, min(status // 100, 6))}xx"
 
 
 def _preferred_transport(uri: URI, transports: Sequence[str]) -> str:

@@ -34,7 +34,6 @@ import hashlib
 import hmac
 import re
 import secrets
-from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable
 
 import attrs
@@ -217,7 +216,27 @@ class Challenge:
     userhash: bool = False
 
 
+_CHALLENGE_MEMO: dict[tuple[str, bool], Challenge] = {}
+_CHALLENGE_MEMO_SIZE = 256
+
+
 def parse_challenge(header_value: str, *, proxy: bool = False) -> Challenge:
+    """Parse one Digest challenge (see ``_parse_challenge``).
+
+    Memoised (a small bounded table, errors not kept): a registration parses the challenge
+    it got when choosing it and again when answering it; ``Challenge`` is immutable.
+    """
+    key = (header_value, proxy)
+    found = _CHALLENGE_MEMO.get(key)
+    if found is None:
+        found = _parse_challenge(header_value, proxy=proxy)
+        if len(_CHALLENGE_MEMO) >= _CHALLENGE_MEMO_SIZE:
+            _CHALLENGE_MEMO.clear()
+        _CHALLENGE_MEMO[key] = found
+    return found
+
+
+def _parse_challenge(header_value: str, *, proxy: bool = False) -> Challenge:
     """Parse one Digest challenge.
 
     Args:
@@ -437,7 +456,9 @@ class DigestClient:
     def __init__(self, username: str, password: str) -> None:
         self.username = username
         self._password = password
-        self._nonce_counts: OrderedDict[tuple[str, str], int] = OrderedDict()
+        # A plain dict (insertion-ordered) rather than an OrderedDict: one per binding, so
+        # its size counts at 100k bindings; oldest first is all the pruning needs.
+        self._nonce_counts: dict[tuple[str, str], int] = {}
 
     def __repr__(self) -> str:
         return f"DigestClient(username={self.username!r}, password=<hidden>)"
@@ -449,7 +470,7 @@ class DigestClient:
         count = self._nonce_counts.pop(key, 0) + 1
         self._nonce_counts[key] = count
         while len(self._nonce_counts) > NONCE_COUNT_MEMORY:
-            self._nonce_counts.popitem(last=False)
+            del self._nonce_counts[next(iter(self._nonce_counts))]
         return count
 
     def authorize(

@@ -16,13 +16,17 @@ RFC 3261 §25 grammar (including the LWS that RFC 4475 "wsinv" throws at it) and
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 import attrs
 
 from sipis.sip.errors import SipParseError
+
+_T = TypeVar("_T")
 
 __all__ = [
     "URI",
@@ -177,14 +181,42 @@ def _check_host(host: str, whole: str) -> None:
     if not host:
         raise SipParseError("empty host", offending=whole)
     if _IPV4_SHAPE_RE.fullmatch(host):
-        try:
-            ipaddress.IPv4Address(host)
-        except ValueError:
-            raise SipParseError("invalid IPv4 address", offending=whole) from None
+        if not _valid_ipv4(host):
+            raise SipParseError("invalid IPv4 address", offending=whole)
         return
     labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
     if not all(_LABEL_RE.fullmatch(label) for label in labels):
         raise SipParseError("invalid host name", offending=whole)
+
+
+@functools.lru_cache(maxsize=1024)
+def _valid_ipv4(host: str) -> bool:
+    """Whether ``host`` is a valid IPv4 address (cached: every message names a few)."""
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return True
+
+
+_MEMO_SIZE = 4096
+_URI_MEMO: dict[str, URI] = {}
+_ADDRESS_MEMO: dict[str, Address] = {}
+_VIA_MEMO: dict[str, Via] = {}
+
+
+def _memo(table: dict[str, _T], parse: Callable[[str], _T], text: str) -> _T:
+    """``parse(text)`` through ``table`` (emptied when full: a bounded, cheap cache).
+
+    Parse errors are not remembered; a value is only ever an immutable (frozen) object.
+    """
+    found = table.get(text)
+    if found is None:
+        found = parse(text)
+        if len(table) >= _MEMO_SIZE:
+            table.clear()
+        table[text] = found
+    return found
 
 
 def _check_ipv6(host: str, whole: str) -> None:
@@ -278,6 +310,12 @@ class URI:
 
     @classmethod
     def parse(cls, text: str) -> URI:
+        """Parse (see ``_parse``); memoised, since the value is immutable and the same
+        header text is parsed again and again (validation, then each reader)."""
+        return _memo(_URI_MEMO, cls._parse, text)
+
+    @classmethod
+    def _parse(cls, text: str) -> URI:
         """Parse a ``sip:``/``sips:``/``tel:`` URI.
 
         Raises:
@@ -413,6 +451,12 @@ class Address:
 
     @classmethod
     def parse(cls, text: str) -> Address:
+        """Parse (see ``_parse``); memoised, since the value is immutable and the same
+        header text is parsed again and again (validation, then each reader)."""
+        return _memo(_ADDRESS_MEMO, cls._parse, text)
+
+    @classmethod
+    def _parse(cls, text: str) -> Address:
         """Parse a name-addr or addr-spec followed by header parameters.
 
         Per RFC 3261 §20.10, in the bare addr-spec form everything after the first ``;`` is a
@@ -506,6 +550,12 @@ class Via:
 
     @classmethod
     def parse(cls, text: str) -> Via:
+        """Parse (see ``_parse``); memoised, since the value is immutable and the same
+        header text is parsed again and again (validation, then each reader)."""
+        return _memo(_VIA_MEMO, cls._parse, text)
+
+    @classmethod
+    def _parse(cls, text: str) -> Via:
         """Parse one via-parm (not a comma-separated list; see ``Headers.get_list``).
 
         Raises:

@@ -157,11 +157,30 @@ def canonical_name(name: str) -> str:
     return _CANONICAL.get(lower, name)
 
 
+_NAME_MEMO_SIZE = 1024
+_VALID_NAMES: dict[str, tuple[str, str]] = {}  # name as written → (lower key, canonical)
+_LOOKUP_KEYS: dict[str, str] = {}  # name asked for → lower-case canonical key
+
+
+def _lookup_key(name: str) -> str:
+    """``canonical_name(name).lower()``, memoised (a few dozen names in practice)."""
+    key = _LOOKUP_KEYS.get(name)
+    if key is None:
+        key = canonical_name(name).lower()
+        if len(_LOOKUP_KEYS) >= _NAME_MEMO_SIZE:
+            _LOOKUP_KEYS.clear()
+        _LOOKUP_KEYS[name] = key
+    return key
+
+
 def split_header_list(value: str) -> list[str]:
     """Split a header value at commas outside quoted strings and ``<...>``; drop empty items.
 
     Not for Authorization/WWW-Authenticate/Date-style values whose grammar is not a list.
     """
+    if "," not in value:  # the common case: one element, nothing to scan
+        item = value.strip(" \t")
+        return [item] if item else []
     items: list[str] = []
     start = 0
     in_quotes = False
@@ -196,33 +215,42 @@ class Headers:
     Equality compares names case-insensitively and values exactly, in order.
     """
 
+    # Each line is kept as (lower-case canonical name, canonical name, value): lookups
+    # compare the stored key instead of lower-casing every line on every lookup.
     __slots__ = ("_items",)
 
     def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
-        self._items: list[tuple[str, str]] = []
+        self._items: list[tuple[str, str, str]] = []
         for name, value in items:
             self.add(name, value)
 
     @staticmethod
-    def _checked(name: str, value: str) -> tuple[str, str]:
-        if not _TOKEN_RE.fullmatch(name):
-            raise ValueError(f"invalid header name {name!r}")
+    def _checked(name: str, value: str) -> tuple[str, str, str]:
+        names = _VALID_NAMES.get(name)
+        if names is None:
+            if not _TOKEN_RE.fullmatch(name):
+                raise ValueError(f"invalid header name {name!r}")
+            canonical = canonical_name(name)
+            names = (canonical.lower(), canonical)
+            if len(_VALID_NAMES) >= _NAME_MEMO_SIZE:
+                _VALID_NAMES.clear()
+            _VALID_NAMES[name] = names
         if "\r" in value or "\n" in value:
             raise ValueError(f"header {name} value contains CR or LF")
-        return canonical_name(name), value
+        return names[0], names[1], value
 
     def get(self, name: str) -> str | None:
         """Value of the first ``name`` line, or None."""
-        key = canonical_name(name).lower()
-        for n, v in self._items:
-            if n.lower() == key:
+        key = _lookup_key(name)
+        for k, _, v in self._items:
+            if k == key:
                 return v
         return None
 
     def get_all(self, name: str) -> list[str]:
         """Values of every ``name`` line, in order (a line may hold a comma-separated list)."""
-        key = canonical_name(name).lower()
-        return [v for n, v in self._items if n.lower() == key]
+        key = _lookup_key(name)
+        return [v for k, _, v in self._items if k == key]
 
     def get_list(self, name: str) -> list[str]:
         """Every comma-separated element of every ``name`` line, in order."""
@@ -246,25 +274,25 @@ class Headers:
     def set(self, name: str, value: str) -> None:
         """Replace all ``name`` lines by one, at the place of the first (or at the end)."""
         item = self._checked(name, value)
-        key = item[0].lower()
-        out: list[tuple[str, str]] = []
+        key = item[0]
+        out: list[tuple[str, str, str]] = []
         placed = False
-        for n, v in self._items:
-            if n.lower() == key:
+        for line in self._items:
+            if line[0] == key:
                 if not placed:
                     out.append(item)
                     placed = True
             else:
-                out.append((n, v))
+                out.append(line)
         if not placed:
             out.append(item)
         self._items = out
 
     def remove(self, name: str) -> int:
         """Remove all ``name`` lines; return how many there were."""
-        key = canonical_name(name).lower()
+        key = _lookup_key(name)
         before = len(self._items)
-        self._items = [(n, v) for n, v in self._items if n.lower() != key]
+        self._items = [line for line in self._items if line[0] != key]
         return before - len(self._items)
 
     def copy(self) -> Headers:
@@ -274,16 +302,19 @@ class Headers:
         return new
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
-        return iter(list(self._items))
+        return iter([(n, v) for _, n, v in self._items])
 
     def __len__(self) -> int:
         return len(self._items)
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and self.get(name) is not None
+        if not isinstance(name, str):
+            return False
+        key = _lookup_key(name)
+        return any(k == key for k, _, _ in self._items)
 
     def _key(self, *, skip: str | None = None) -> tuple[tuple[str, str], ...]:
-        return tuple((n.lower(), v) for n, v in self._items if n.lower() != skip)
+        return tuple((k, v) for k, _, v in self._items if k != skip)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Headers):
@@ -293,7 +324,7 @@ class Headers:
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
-        return f"Headers({self._items!r})"
+        return f"Headers({[(n, v) for _, n, v in self._items]!r})"
 
 
 def _headers_eq_key(headers: Headers) -> tuple[tuple[str, str], ...]:

@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
 import ipaddress
 import logging
 import os
@@ -338,8 +339,12 @@ def _is_blank(data: bytes) -> bool:
     return not data.strip(b"\r\n")
 
 
+@functools.lru_cache(maxsize=1024)
 def _normal_host(host: str) -> str:
-    """IP text in its compressed form (``::ffff:1.2.3.4`` → ``1.2.3.4`` too)."""
+    """IP text in its compressed form (``::ffff:1.2.3.4`` → ``1.2.3.4`` too).
+
+    Cached: called for every datagram, and ``ipaddress`` parsing costs ~10 µs each time.
+    """
     try:
         address = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
@@ -349,7 +354,9 @@ def _normal_host(host: str) -> str:
     return str(address)
 
 
+@functools.lru_cache(maxsize=1024)
 def _family(host: str) -> int:
+    """Address family of an IP literal (cached: asked for every datagram sent)."""
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
@@ -596,9 +603,17 @@ class NetworkTransport:
         await self._sendto(self._udp_for(host), data, (host, port))
 
     async def _sendto(self, udp: _UdpSocket, data: bytes, address: tuple[str, int]) -> None:
+        # The address is always an IP literal here (``_family`` checked it): send on the raw
+        # socket, with trio's checkpoints around it, instead of trio's ``sendto``, which
+        # resolves the address through getaddrinfo on every datagram. Only a full socket
+        # buffer waits, through trio.
+        await trio.lowlevel.checkpoint_if_cancelled()
         for attempt in range(3):
             try:
-                await udp.sock.sendto(data, address)
+                try:
+                    udp.raw.sendto(data, address)
+                except BlockingIOError:
+                    await udp.sock.sendto(data, address)
             except OSError as exc:
                 if exc.errno in _ICMP_ERRNOS and attempt < 2:
                     # IP_RECVERR: the kernel reports an ICMP error about an *earlier*
@@ -608,6 +623,7 @@ class NetworkTransport:
                 raise TransportError(
                     f"udp send to {address[0]}:{address[1]} failed: {exc.strerror}") from exc
             self._counters.datagrams_sent += 1
+            await trio.lowlevel.cancel_shielded_checkpoint()
             return
 
     def _drain_icmp(self, udp: _UdpSocket) -> None:

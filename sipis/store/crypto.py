@@ -31,13 +31,14 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import glob
 import hashlib
 import hmac
 import os
 import re
 import secrets
 import stat
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -175,6 +176,45 @@ class KeyRing:
         _replace_atomically(path, text.encode("utf-8"), mode=stat.S_IMODE(st.st_mode),
                             gid=st.st_gid)
         return key_id
+
+    @classmethod
+    def drop_keys_from_file(cls, path: Path, *, keep: Collection[str]) -> tuple[str, ...]:
+        """Remove from the key file every key that is not in ``keep`` and not the active key.
+
+        The last step of a rotation, once no stored value uses the old keys (a key that leaked
+        stops being useful only when it is gone from the file). Comment lines stay; the file is
+        rewritten atomically like :meth:`add_key_to_file`, so a crash leaves the old or the new
+        file, never a partial one. The active (last) key is always kept. Returns the dropped
+        key ids (empty: the file was not touched). Raises CryptoError if the file is unusable.
+        """
+        ring = cls.load(path)
+        dropped = tuple(k for k in ring.key_ids if k not in keep and k != ring.active_key_id)
+        if not dropped:
+            return ()
+        try:
+            st = os.stat(path)
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise CryptoError(f"cannot read the key file {path}: {exc.strerror}") from exc
+        lines = [line for line in text.splitlines(keepends=True)
+                 if not (line.split() and line.split()[0] in dropped)]
+        _replace_atomically(path, "".join(lines).encode("utf-8"),
+                            mode=stat.S_IMODE(st.st_mode), gid=st.st_gid)
+        return dropped
+
+    @staticmethod
+    def remove_stale_temp_files(path: Path) -> int:
+        """Delete temporary copies of ``path`` left by a writer that was killed mid-way.
+
+        Each holds key material, so none may linger. Only safe while no other writer of the
+        same key file runs (``sipis rotate-key`` holds a lock). Returns how many were removed.
+        """
+        removed = 0
+        for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+                removed += 1
+        return removed
 
     # -- AEAD ---------------------------------------------------------------------------------
 

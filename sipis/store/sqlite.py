@@ -374,6 +374,31 @@ class SqliteStore:
             await self._scrub_after_change()
         return changed
 
+    def use_keyring(self, keyring: KeyRing) -> None:
+        """Encrypt with ``keyring`` from now on (the running daemon re-reads its key file).
+
+        The caller must make sure ``keyring`` holds every key that stored values use (see
+        :meth:`key_usage`) and the key this store encrypted with until now, or values written
+        meanwhile could become unreadable once the file changes again.
+        """
+        self._keyring = keyring
+
+    async def key_usage(self) -> dict[str, int]:
+        """How many stored encrypted values each key id protects (instances and messages).
+
+        What ``sipis rotate-key`` checks before it drops a key from the key file.
+        """
+        def op(conn: sqlite3.Connection) -> dict[str, int]:
+            rows = conn.execute(
+                "SELECT k, count(*) FROM (SELECT password_key AS k FROM instances"
+                " UNION ALL SELECT push_token_key FROM instances"
+                " UNION ALL SELECT device_ha1_key FROM instances"
+                " UNION ALL SELECT content_key FROM messages) WHERE k IS NOT NULL GROUP BY k"
+            ).fetchall()
+            return {str(k): int(n) for k, n in rows}
+
+        return await self._run(op)
+
     # -- held messages and call records --------------------------------------------------------
 
     async def hold_message(self, msg: HeldMessage, *, max_per_instance: int) -> bool:

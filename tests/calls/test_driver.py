@@ -450,3 +450,11 @@ async def test_forget_instance_drops_its_device_bindings() -> None:
     assert d.registrar.bindings.live(RECORD.id, trio.current_time())
     d.forget_instance(RECORD.id, "deleted")
     assert not d.registrar.bindings.live(RECORD.id, trio.current_time())
+
+
+async def test_message_body_goes_into_the_push_only_where_configured() -> None:
+    d, _, _, push = driver(message_body=True)
+    response = await d.handle_request(message(b"Lunch at noon?"), CALLER)
+    assert response is not None and response.status == 200
+    [sent] = push.sent
+    assert sent.kind is PushKind.MESSAGE and sent.body == "Lunch at noon?"

@@ -28,11 +28,12 @@ import yaml
 
 from sipis.config import Config, load_config
 from sipis.daemon import Daemon
-from sipis.logs import LogfmtFormatter, quiet_header_loggers
+from sipis.logs import JsonFormatter, LogfmtFormatter, quiet_header_loggers
 from tests.peers.ports import free_port
 
 SENSITIVE: set[str] = set()
 LOG_LINES: list[str] = []
+JSON_LOG_LINES: list[str] = []
 SUBPROCESS_LOGS: list[Path] = []
 
 _CA = trustme.CA()
@@ -40,10 +41,14 @@ _CERT = _CA.issue_cert("127.0.0.1", "localhost")
 
 
 class _ListHandler(logging.Handler):
-    """Keeps every formatted line (production format, redaction included)."""
+    """Keeps every formatted line (production format, redaction included), in logfmt and,
+    for the session-wide secret check, in JSON too (``log.format: json``)."""
+
+    _json = JsonFormatter()
 
     def emit(self, record: logging.LogRecord) -> None:
         LOG_LINES.append(self.format(record))
+        JSON_LOG_LINES.append(self._json.format(record))
 
 
 def install_log_capture() -> logging.Handler:

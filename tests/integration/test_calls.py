@@ -908,3 +908,71 @@ async def test_message_is_held_and_delivered_to_the_phone_when_it_registers(
     assert got.content_type.startswith("text/plain")
     assert got.header("Date") is not None
     assert [p.sipis["type"] for p in apns.pushes] == ["message"]
+
+
+async def test_instance_expiring_alert_push_reaches_apns_before_the_expiry(
+    tmp_path: Path, kamailio_factory: Any
+) -> None:
+    """With a warning 7,199 s before a 2 h lifetime, the sweeper sends one alert push of type
+    instance-expiring (bundle topic, the AOR as to_uri) about a second after creation."""
+    kamailio = kamailio_factory()
+    key = TestKey.generate()
+    apns = ApnsServer(public_key=key.public_key)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(apns.run)
+        async with running_daemon(tmp_path, push=live_apns(apns, key, tmp_path),
+                                  lifetime={"sweep_interval": "200ms",
+                                            "expiry_warnings": ["7199s"]}) as d:
+            resp = await d.create(instance_body(kamailio, transport="udp", lifetime="2h",
+                                                push={"token": os.urandom(32).hex()}))
+            assert resp.status_code == 201, resp.text
+            with trio.fail_after(10):
+                await apns.wait_received(1)
+            await trio.sleep(1.0)  # no second one for the same expiry
+        nursery.cancel_scope.cancel()
+    (push,) = apns.pushes
+    assert push.push_type == "alert"
+    assert push.sipis["type"] == "instance-expiring"
+    assert push.sipis["instance"] == resp.json()["id"]
+    assert push.sipis["to_uri"] == f"sip:alice@{kamailio.domain}"
+
+
+async def test_a_phone_that_rings_past_timer_c_is_cancelled_and_the_caller_gets_408(
+    tmp_path: Path, kamailio_factory: Any, caller_factory: Any, phone_factory: Any
+) -> None:
+    """RFC 3261 §16.8: the phone answers 180 and nothing more, the caller never gives up:
+    when Timer C (2 s here) runs out, sipis CANCELs the phone and answers the caller 408;
+    the call is recorded as missed."""
+    from tests.peers.phone import AsyncPhone
+
+    kamailio = kamailio_factory(fix_nated_register=True, fr_inv_timer=30000)
+    key = TestKey.generate()
+    apns = ApnsServer(public_key=key.public_key)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(apns.run)
+        async with running_daemon(tmp_path, push=live_apns(apns, key, tmp_path),
+                                  calls={"ring_timeout": "10s", "timer_c": "2s"}) as d:
+            resp = await d.create(instance_body(kamailio, transport="udp",
+                                                push={"token": os.urandom(32).hex()}))
+            assert resp.status_code == 201, resp.text
+            body = resp.json()
+            caller = caller_factory(kamailio.address, domain=kamailio.domain)
+            run = caller.start(Scenario.REJECTED, to_user="alice", timeout=20,
+                               final_statuses=[408])
+            with trio.fail_after(5):
+                await apns.wait_received(1)
+            phone = AsyncPhone(phone_factory())
+            device = body["device"]
+            await phone.register(device["registrar"].replace(";transport=tcp", ""),
+                                 device["username"], body["secret"], realm=device["realm"],
+                                 transport="udp", auto_answer=[180])
+            await phone.wait_incoming_call(timeout=10)
+            ended = await phone.wait_call_state("DISCONNECTED", timeout=10)
+            trace = await trio.to_thread.run_sync(run.wait)
+            assert trace.ok, trace.describe()
+            assert d.daemon.calls is not None
+            assert d.daemon.calls.outcomes["missed"] == 1
+        nursery.cancel_scope.cancel()
+    assert trace.statuses()[-1] == 408
+    assert 180 in trace.statuses()
+    assert ended.last_status == 487, ended
