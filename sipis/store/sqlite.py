@@ -327,18 +327,8 @@ class SqliteStore:
 
         Returns False if there was no such instance.
         """
-        def op(conn: sqlite3.Connection) -> bool:
-            with _transaction(conn):
-                deleted = conn.execute(
-                    "DELETE FROM instances WHERE id = ?", (instance_id,)).rowcount > 0
-                if deleted:
-                    conn.execute(_SET_SCRUB_PENDING, (1,))
-            return deleted
-
-        deleted = await self._run(op)
-        if deleted:
-            await self._scrub_after_change()
-        return deleted
+        return await self._delete_scrubbed(
+            "DELETE FROM instances WHERE id = ?", instance_id, name="delete")
 
     async def rekey(self) -> int:
         """Re-encrypt every value not under the active key, then scrub the old ciphertexts.
@@ -442,18 +432,8 @@ class SqliteStore:
 
     async def drop_message(self, message_id: str) -> bool:
         """Forget a delivered message; its ciphertext is scrubbed from the files on return."""
-        def op(conn: sqlite3.Connection) -> bool:
-            with _transaction(conn):
-                deleted = conn.execute(
-                    "DELETE FROM messages WHERE id = ?", (message_id,)).rowcount > 0
-                if deleted:
-                    conn.execute(_SET_SCRUB_PENDING, (1,))
-            return deleted
-
-        deleted = await self._run(op)
-        if deleted:
-            await self._scrub_after_change()
-        return deleted
+        return await self._delete_scrubbed(
+            "DELETE FROM messages WHERE id = ?", message_id, name="drop_message")
 
     async def add_call_record(self, rec: CallRecord) -> None:
         """Record a finished call. A record for a vanished instance is dropped silently (the
@@ -525,8 +505,26 @@ class SqliteStore:
     #: daemon sets it). ``operation`` is the public method's name, a bounded set.
     on_call_done: Callable[[str, float], None] | None = None
 
-    async def _run(self, op: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``op`` on the connection in a worker thread, alone, with errors mapped."""
+    async def _delete_scrubbed(self, statement: str, key: str, *, name: str) -> bool:
+        """One DELETE (CASCADE included) and the scrub, with the flag in the same transaction
+        so a crash in between is scrubbed at the next open. False if nothing matched."""
+        def op(conn: sqlite3.Connection) -> bool:
+            with _transaction(conn):
+                deleted = conn.execute(statement, (key,)).rowcount > 0
+                if deleted:
+                    conn.execute(_SET_SCRUB_PENDING, (1,))
+            return deleted
+
+        deleted = await self._run(op, name=name)
+        if deleted:
+            await self._scrub_after_change()
+        return deleted
+
+    async def _run(self, op: Callable[[sqlite3.Connection], T], *, name: str | None = None) -> T:
+        """Run ``op`` on the connection in a worker thread, alone, with errors mapped.
+
+        ``name``: the operation for the latency metric (default: the method ``op`` is local
+        to)."""
         started = trio.current_time()
         try:
             async with self._lock:
@@ -536,9 +534,11 @@ class SqliteStore:
                 return await trio.to_thread.run_sync(_mapped, op, conn)
         finally:
             if self.on_call_done is not None:
-                # op is the method's local "op": "SqliteStore.get.<locals>.op" → "get".
-                parts = op.__qualname__.split(".")
-                name = parts[-3] if len(parts) >= 3 and parts[-2] == "<locals>" else op.__name__
+                if name is None:
+                    # op is the method's local "op": "SqliteStore.get.<locals>.op" → "get".
+                    parts = op.__qualname__.split(".")
+                    name = (parts[-3] if len(parts) >= 3 and parts[-2] == "<locals>"
+                            else op.__name__)
                 self.on_call_done(name, trio.current_time() - started)
 
     async def _scrub_after_change(self) -> None:

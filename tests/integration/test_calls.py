@@ -9,21 +9,13 @@ from typing import Any
 import pytest
 import trio
 
+from tests.integration.callkit import apns_instance, live_apns, woken_phone
 from tests.integration.harness import instance_body, running_daemon
-from tests.peers.apns_server import KEY_ID, TEAM_ID, ApnsServer, TestKey
+from tests.peers.apns_server import ApnsServer, TestKey
 from tests.peers.caller import Scenario
 from tests.peers.fcm_server import FcmServer, ServiceAccountKey
 
 pytestmark = pytest.mark.kamailio
-
-
-def live_apns(apns: ApnsServer, key: TestKey, directory: Path) -> dict[str, Any]:
-    return {
-        "provider": "live",
-        "apns": {"team_id": TEAM_ID, "key_id": KEY_ID, "key_file": str(key.write(directory)),
-                 "production_url": apns.url, "sandbox_url": apns.url,
-                 "ca_file": str(apns.write_ca(directory))},
-    }
 
 
 def live_fcm(fcm: FcmServer, account: ServiceAccountKey, directory: Path) -> dict[str, Any]:
@@ -130,33 +122,18 @@ async def test_woken_phone_registers_and_the_call_is_answered_through_sipis(
 ) -> None:
     """Push → the phone REGISTERs to sipis → INVITE forwarded, 200 relayed, ACK and BYE
     routed through sipis's Record-Route."""
-    from tests.peers.phone import AsyncPhone
 
     kamailio = kamailio_factory(fix_nated_register=True, fr_inv_timer=30000)
-    key = TestKey.generate()
-    apns = ApnsServer(public_key=key.public_key)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(apns.run)
-        async with running_daemon(tmp_path, push=live_apns(apns, key, tmp_path),
-                                  calls={"ring_timeout": "10s"}) as d:
-            resp = await d.create(instance_body(kamailio, transport="udp",
-                                                push={"token": os.urandom(32).hex()}))
-            assert resp.status_code == 201, resp.text
-            body = resp.json()
-            caller = caller_factory(kamailio.address, domain=kamailio.domain)
-            run = caller.start(Scenario.CALL, to_user="alice", timeout=20, hold_ms=300)
-            with trio.fail_after(5):
-                await apns.wait_received(1)
-            phone = AsyncPhone(phone_factory())
-            device = body["device"]
-            await phone.register(device["registrar"].replace(";transport=tcp", ""),
-                                 device["username"], body["secret"], realm=device["realm"],
-                                 transport="udp", auto_answer=[200])
-            trace = await trio.to_thread.run_sync(run.wait)
-            assert trace.ok, trace.describe()
-            assert d.daemon.calls is not None
-            assert d.daemon.calls.outcomes["answered"] == 1
-        nursery.cancel_scope.cancel()
+    async with apns_instance(tmp_path, kamailio, calls={"ring_timeout": "10s"}) as (d, apns, body):
+        caller = caller_factory(kamailio.address, domain=kamailio.domain)
+        run = caller.start(Scenario.CALL, to_user="alice", timeout=20, hold_ms=300)
+        with trio.fail_after(5):
+            await apns.wait_received(1)
+        await woken_phone(phone_factory, body, auto_answer=[200])
+        trace = await trio.to_thread.run_sync(run.wait)
+        assert trace.ok, trace.describe()
+        assert d.daemon.calls is not None
+        assert d.daemon.calls.outcomes["answered"] == 1
     assert 200 in trace.statuses()
     assert trace.statuses("BYE") == [200]
 
@@ -169,25 +146,16 @@ async def test_caller_cancels_while_ringing_487_and_call_ended_push(
     from tests.peers.caller import ANSWERED_ELSEWHERE
 
     kamailio = kamailio_factory(fix_nated_register=True, fr_inv_timer=30000)
-    key = TestKey.generate()
-    apns = ApnsServer(public_key=key.public_key)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(apns.run)
-        async with running_daemon(tmp_path, push=live_apns(apns, key, tmp_path),
-                                  calls={"ring_timeout": "10s"}) as d:
-            resp = await d.create(instance_body(kamailio, transport="udp",
-                                                push={"token": os.urandom(32).hex()}))
-            assert resp.status_code == 201, resp.text
-            caller = caller_factory(kamailio.address, domain=kamailio.domain)
-            trace = await caller.run_async(
-                Scenario.CANCEL, to_user="alice", timeout=15, cancel_after_ms=500,
-                cancel_headers=[f"Reason: {ANSWERED_ELSEWHERE}"])
-            assert trace.ok, trace.describe()
-            with trio.fail_after(5):
-                await apns.wait_received(2)
-            assert d.daemon.calls is not None
-            assert d.daemon.calls.outcomes["answered-elsewhere"] == 1
-        nursery.cancel_scope.cancel()
+    async with apns_instance(tmp_path, kamailio, calls={"ring_timeout": "10s"}) as (d, apns, body):
+        caller = caller_factory(kamailio.address, domain=kamailio.domain)
+        trace = await caller.run_async(
+            Scenario.CANCEL, to_user="alice", timeout=15, cancel_after_ms=500,
+            cancel_headers=[f"Reason: {ANSWERED_ELSEWHERE}"])
+        assert trace.ok, trace.describe()
+        with trio.fail_after(5):
+            await apns.wait_received(2)
+        assert d.daemon.calls is not None
+        assert d.daemon.calls.outcomes["answered-elsewhere"] == 1
     assert trace.statuses()[-1] == 487, trace.describe()
     call, ended = apns.pushes
     assert call.push_type == "voip"
@@ -212,30 +180,21 @@ async def test_progress_sends_180_making_progress_and_swaps_the_ring_timer_for_t
     """POST …/progress → 204 and 180 Device-Making-Progress; T1 (2 s) no longer ends the
     call, T2 (6 s) does: 480 No-Response-From-Device after ~6 s; then the call is gone (404)."""
     kamailio = kamailio_factory(fix_nated_register=True, fr_inv_timer=30000)
-    key = TestKey.generate()
-    apns = ApnsServer(public_key=key.public_key)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(apns.run)
-        async with running_daemon(tmp_path, push=live_apns(apns, key, tmp_path),
-                                  calls={"ring_timeout": "2s", "progress_timeout": "6s"}) as d:
-            resp = await d.create(instance_body(kamailio, transport="udp",
-                                                push={"token": os.urandom(32).hex()}))
-            assert resp.status_code == 201, resp.text
-            body = resp.json()
-            auth = {"authorization": f"Bearer {body['secret']}"}
-            caller = caller_factory(kamailio.address, domain=kamailio.domain)
-            run = caller.start(Scenario.REJECTED, to_user="alice", timeout=20)
-            ref = await _ringing_call_ref(apns)
-            url = f"/v1/instances/{body['id']}/calls/{ref}/progress"
-            progressed = await d.client.post(url, headers=auth)
-            assert progressed.status_code == 204, progressed.text
-            trace = await trio.to_thread.run_sync(run.wait)
-            assert trace.ok, trace.describe()
-            assert d.daemon.calls is not None
-            assert d.daemon.calls.outcomes["missed"] == 1
-            ended = await d.client.post(url, headers=auth)
-            assert ended.status_code == 404, ended.text
-        nursery.cancel_scope.cancel()
+    timers = {"ring_timeout": "2s", "progress_timeout": "6s"}
+    async with apns_instance(tmp_path, kamailio, calls=timers) as (d, apns, body):
+        auth = {"authorization": f"Bearer {body['secret']}"}
+        caller = caller_factory(kamailio.address, domain=kamailio.domain)
+        run = caller.start(Scenario.REJECTED, to_user="alice", timeout=20)
+        ref = await _ringing_call_ref(apns)
+        url = f"/v1/instances/{body['id']}/calls/{ref}/progress"
+        progressed = await d.client.post(url, headers=auth)
+        assert progressed.status_code == 204, progressed.text
+        trace = await trio.to_thread.run_sync(run.wait)
+        assert trace.ok, trace.describe()
+        assert d.daemon.calls is not None
+        assert d.daemon.calls.outcomes["missed"] == 1
+        ended = await d.client.post(url, headers=auth)
+        assert ended.status_code == 404, ended.text
 
     assert trace.statuses()[-1] == 480, trace.describe()
     push_statuses = trace.header_values("X-Sipis-Push-Status", status=180)
@@ -253,33 +212,23 @@ async def test_decline_answers_603_upstream_at_once(
     """POST …/decline → 204, the caller gets 603 Decline long before T1, outcome declined,
     no call-ended push (the declining device knows); a second decline is 404."""
     kamailio = kamailio_factory(fix_nated_register=True, fr_inv_timer=30000)
-    key = TestKey.generate()
-    apns = ApnsServer(public_key=key.public_key)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(apns.run)
-        async with running_daemon(tmp_path, push=live_apns(apns, key, tmp_path),
-                                  calls={"ring_timeout": "10s"}) as d:
-            resp = await d.create(instance_body(kamailio, transport="udp",
-                                                push={"token": os.urandom(32).hex()}))
-            assert resp.status_code == 201, resp.text
-            body = resp.json()
-            auth = {"authorization": f"Bearer {body['secret']}"}
-            caller = caller_factory(kamailio.address, domain=kamailio.domain)
-            run = caller.start(Scenario.REJECTED, to_user="alice", timeout=15,
-                               final_statuses=[603])
-            ref = await _ringing_call_ref(apns)
-            url = f"/v1/instances/{body['id']}/calls/{ref}/decline"
-            declined = await d.client.post(url, headers=auth)
-            assert declined.status_code == 204, declined.text
-            trace = await trio.to_thread.run_sync(run.wait)
-            assert trace.ok, trace.describe()
-            assert d.daemon.calls is not None
-            assert d.daemon.calls.outcomes["declined"] == 1
-            again = await d.client.post(url, headers=auth)
-            assert again.status_code == 404, again.text
-            await trio.sleep(0.3)
-            assert len(apns.pushes) == 1, [p.sipis for p in apns.pushes]
-        nursery.cancel_scope.cancel()
+    async with apns_instance(tmp_path, kamailio, calls={"ring_timeout": "10s"}) as (d, apns, body):
+        auth = {"authorization": f"Bearer {body['secret']}"}
+        caller = caller_factory(kamailio.address, domain=kamailio.domain)
+        run = caller.start(Scenario.REJECTED, to_user="alice", timeout=15,
+                           final_statuses=[603])
+        ref = await _ringing_call_ref(apns)
+        url = f"/v1/instances/{body['id']}/calls/{ref}/decline"
+        declined = await d.client.post(url, headers=auth)
+        assert declined.status_code == 204, declined.text
+        trace = await trio.to_thread.run_sync(run.wait)
+        assert trace.ok, trace.describe()
+        assert d.daemon.calls is not None
+        assert d.daemon.calls.outcomes["declined"] == 1
+        again = await d.client.post(url, headers=auth)
+        assert again.status_code == 404, again.text
+        await trio.sleep(0.3)
+        assert len(apns.pushes) == 1, [p.sipis for p in apns.pushes]
 
     assert trace.statuses()[-1] == 603, trace.describe()
     delay = trace.delay(603)
@@ -341,35 +290,21 @@ async def test_call_over_a_tcp_registration_flow_is_answered(
 ) -> None:
     """sipis registers to Kamailio over TCP; Kamailio (fix_nated_register) sends the INVITE
     over that flow; the woken phone answers and the BYE passes."""
-    from tests.peers.phone import AsyncPhone
 
     kamailio = kamailio_factory(fix_nated_register=True, fr_inv_timer=30000)
-    key = TestKey.generate()
-    apns = ApnsServer(public_key=key.public_key)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(apns.run)
-        async with running_daemon(tmp_path, push=live_apns(apns, key, tmp_path),
-                                  calls={"ring_timeout": "10s"}) as d:
-            resp = await d.create(instance_body(kamailio, transport="tcp",
-                                                push={"token": os.urandom(32).hex()}))
-            assert resp.status_code == 201, resp.text
-            body = resp.json()
-            assert [b.transport for b in kamailio.location("alice")] == ["tcp"]
-            caller = caller_factory(kamailio.address, domain=kamailio.domain)
-            run = caller.start(Scenario.CALL, to_user="alice", timeout=20, hold_ms=300)
-            with trio.fail_after(5):
-                await apns.wait_received(1)
-            phone = AsyncPhone(phone_factory())
-            device = body["device"]
-            await phone.register(device["registrar"].replace(";transport=tcp", ""),
-                                 device["username"], body["secret"], realm=device["realm"],
-                                 transport="udp", auto_answer=[200])
-            incoming = await phone.wait_incoming_call(timeout=10)
-            trace = await trio.to_thread.run_sync(run.wait)
-            assert trace.ok, trace.describe()
-            assert d.daemon.calls is not None
-            assert d.daemon.calls.outcomes["answered"] == 1
-        nursery.cancel_scope.cancel()
+    async with apns_instance(tmp_path, kamailio,
+                             transport="tcp", calls={"ring_timeout": "10s"}) as (d, apns, body):
+        assert [b.transport for b in kamailio.location("alice")] == ["tcp"]
+        caller = caller_factory(kamailio.address, domain=kamailio.domain)
+        run = caller.start(Scenario.CALL, to_user="alice", timeout=20, hold_ms=300)
+        with trio.fail_after(5):
+            await apns.wait_received(1)
+        phone = await woken_phone(phone_factory, body, auto_answer=[200])
+        incoming = await phone.wait_incoming_call(timeout=10)
+        trace = await trio.to_thread.run_sync(run.wait)
+        assert trace.ok, trace.describe()
+        assert d.daemon.calls is not None
+        assert d.daemon.calls.outcomes["answered"] == 1
     assert 200 in trace.statuses()
     assert trace.statuses("BYE") == [200]
     # Kamailio's Via (below sipis's) says the INVITE reached sipis over TCP.
@@ -382,37 +317,22 @@ async def test_phone_hangs_up_and_its_bye_reaches_the_caller_through_sipis(
 ) -> None:
     """The answered phone sends the BYE: routed by sipis's Record-Route to Kamailio and on to
     the caller, whose 200 comes back to the phone."""
-    from tests.peers.phone import AsyncPhone
 
     kamailio = kamailio_factory(fix_nated_register=True, fr_inv_timer=30000)
-    key = TestKey.generate()
-    apns = ApnsServer(public_key=key.public_key)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(apns.run)
-        async with running_daemon(tmp_path, push=live_apns(apns, key, tmp_path),
-                                  calls={"ring_timeout": "10s"}) as d:
-            resp = await d.create(instance_body(kamailio, transport="udp",
-                                                push={"token": os.urandom(32).hex()}))
-            assert resp.status_code == 201, resp.text
-            body = resp.json()
-            caller = caller_factory(kamailio.address, domain=kamailio.domain)
-            run = caller.start(Scenario.CALLEE_HANGS_UP, to_user="alice", timeout=20)
-            with trio.fail_after(5):
-                await apns.wait_received(1)
-            phone = AsyncPhone(phone_factory())
-            device = body["device"]
-            await phone.register(device["registrar"].replace(";transport=tcp", ""),
-                                 device["username"], body["secret"], realm=device["realm"],
-                                 transport="udp", auto_answer=[200])
-            await phone.wait_incoming_call(timeout=10)
-            await phone.wait_call_state("CONFIRMED", timeout=5)
-            await phone.hangup()
-            ended = await phone.wait_call_state("DISCONNECTED", timeout=5)
-            trace = await trio.to_thread.run_sync(run.wait)
-            assert trace.ok, trace.describe()
-            assert d.daemon.calls is not None
-            assert d.daemon.calls.outcomes["answered"] == 1
-        nursery.cancel_scope.cancel()
+    async with apns_instance(tmp_path, kamailio, calls={"ring_timeout": "10s"}) as (d, apns, body):
+        caller = caller_factory(kamailio.address, domain=kamailio.domain)
+        run = caller.start(Scenario.CALLEE_HANGS_UP, to_user="alice", timeout=20)
+        with trio.fail_after(5):
+            await apns.wait_received(1)
+        phone = await woken_phone(phone_factory, body, auto_answer=[200])
+        await phone.wait_incoming_call(timeout=10)
+        await phone.wait_call_state("CONFIRMED", timeout=5)
+        await phone.hangup()
+        ended = await phone.wait_call_state("DISCONNECTED", timeout=5)
+        trace = await trio.to_thread.run_sync(run.wait)
+        assert trace.ok, trace.describe()
+        assert d.daemon.calls is not None
+        assert d.daemon.calls.outcomes["answered"] == 1
     assert 200 in trace.statuses()
     assert [m.method for m in trace.messages if m.direction == "received"
             and not m.is_response] == ["BYE"], trace.describe()
@@ -424,34 +344,19 @@ async def test_phone_already_registered_gets_the_invite_at_once_without_a_push(
 ) -> None:
     """A live device binding before the call: the INVITE goes straight to the phone, which
     answers; APNs hears nothing."""
-    from tests.peers.phone import AsyncPhone
 
     kamailio = kamailio_factory(fix_nated_register=True, fr_inv_timer=30000)
-    key = TestKey.generate()
-    apns = ApnsServer(public_key=key.public_key)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(apns.run)
-        async with running_daemon(tmp_path, push=live_apns(apns, key, tmp_path),
-                                  calls={"ring_timeout": "10s"}) as d:
-            resp = await d.create(instance_body(kamailio, transport="udp",
-                                                push={"token": os.urandom(32).hex()}))
-            assert resp.status_code == 201, resp.text
-            body = resp.json()
-            phone = AsyncPhone(phone_factory())
-            device = body["device"]
-            await phone.register(device["registrar"].replace(";transport=tcp", ""),
-                                 device["username"], body["secret"], realm=device["realm"],
-                                 transport="udp", auto_answer=[200])
-            await phone.wait_registered(timeout=5)
-            caller = caller_factory(kamailio.address, domain=kamailio.domain)
-            run = caller.start(Scenario.CALL, to_user="alice", timeout=20, hold_ms=300)
-            incoming = await phone.wait_incoming_call(timeout=5)
-            trace = await trio.to_thread.run_sync(run.wait)
-            assert trace.ok, trace.describe()
-            assert d.daemon.calls is not None
-            assert d.daemon.calls.outcomes["answered"] == 1
-            await trio.sleep(0.3)
-        nursery.cancel_scope.cancel()
+    async with apns_instance(tmp_path, kamailio, calls={"ring_timeout": "10s"}) as (d, apns, body):
+        phone = await woken_phone(phone_factory, body, auto_answer=[200])
+        await phone.wait_registered(timeout=5)
+        caller = caller_factory(kamailio.address, domain=kamailio.domain)
+        run = caller.start(Scenario.CALL, to_user="alice", timeout=20, hold_ms=300)
+        incoming = await phone.wait_incoming_call(timeout=5)
+        trace = await trio.to_thread.run_sync(run.wait)
+        assert trace.ok, trace.describe()
+        assert d.daemon.calls is not None
+        assert d.daemon.calls.outcomes["answered"] == 1
+        await trio.sleep(0.3)
     assert trace.statuses("BYE") == [200]
     assert incoming.request_uri.startswith("sip:"), incoming
     assert "Push-Notification-Sent" not in trace.header_values("X-Sipis-Push-Status")
@@ -465,37 +370,22 @@ async def test_two_calls_to_one_instance_at_once_are_both_delivered_and_answered
 ) -> None:
     """Two INVITEs ring the same instance together: two call pushes; the phone's one
     REGISTER wakes both, both reach it and both are answered."""
-    from tests.peers.phone import AsyncPhone
 
     kamailio = kamailio_factory(fix_nated_register=True, fr_inv_timer=30000)
-    key = TestKey.generate()
-    apns = ApnsServer(public_key=key.public_key)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(apns.run)
-        async with running_daemon(tmp_path, push=live_apns(apns, key, tmp_path),
-                                  calls={"ring_timeout": "10s"}) as d:
-            resp = await d.create(instance_body(kamailio, transport="udp",
-                                                push={"token": os.urandom(32).hex()}))
-            assert resp.status_code == 201, resp.text
-            body = resp.json()
-            first = caller_factory(kamailio.address, domain=kamailio.domain)
-            second = caller_factory(kamailio.address, domain=kamailio.domain, from_user="bob")
-            runs = [first.start(Scenario.CALL, to_user="alice", timeout=20, hold_ms=500),
-                    second.start(Scenario.CALL, to_user="alice", timeout=20, hold_ms=500)]
-            with trio.fail_after(5):
-                await apns.wait_received(2)
-            phone = AsyncPhone(phone_factory())
-            device = body["device"]
-            await phone.register(device["registrar"].replace(";transport=tcp", ""),
-                                 device["username"], body["secret"], realm=device["realm"],
-                                 transport="udp", auto_answer=[200])
-            calls = [await phone.wait_incoming_call(timeout=10) for _ in runs]
-            traces = [await trio.to_thread.run_sync(run.wait) for run in runs]
-            for trace in traces:
-                assert trace.ok, trace.describe()
-            assert d.daemon.calls is not None
-            assert d.daemon.calls.outcomes["answered"] == 2
-        nursery.cancel_scope.cancel()
+    async with apns_instance(tmp_path, kamailio, calls={"ring_timeout": "10s"}) as (d, apns, body):
+        first = caller_factory(kamailio.address, domain=kamailio.domain)
+        second = caller_factory(kamailio.address, domain=kamailio.domain, from_user="bob")
+        runs = [first.start(Scenario.CALL, to_user="alice", timeout=20, hold_ms=500),
+                second.start(Scenario.CALL, to_user="alice", timeout=20, hold_ms=500)]
+        with trio.fail_after(5):
+            await apns.wait_received(2)
+        phone = await woken_phone(phone_factory, body, auto_answer=[200])
+        calls = [await phone.wait_incoming_call(timeout=10) for _ in runs]
+        traces = [await trio.to_thread.run_sync(run.wait) for run in runs]
+        for trace in traces:
+            assert trace.ok, trace.describe()
+        assert d.daemon.calls is not None
+        assert d.daemon.calls.outcomes["answered"] == 2
     assert len({c.call_id for c in calls}) == 2
     assert {(c.header("From") or "").split(">")[0] for c in calls} == {
         f"<sip:caller@{kamailio.domain}", f"<sip:bob@{kamailio.domain}"}
@@ -534,24 +424,15 @@ async def test_apns_429_then_200_still_rings_with_one_accepted_call_push(
     from tests.peers.apns_server import Reply
 
     kamailio = kamailio_factory(fix_nated_register=True, fr_inv_timer=30000)
-    key = TestKey.generate()
-    apns = ApnsServer(public_key=key.public_key)
-    apns.reply_next(Reply(429, "TooManyRequests", retry_after=1))
-    async with trio.open_nursery() as nursery:
-        await nursery.start(apns.run)
-        async with running_daemon(tmp_path, push=live_apns(apns, key, tmp_path),
-                                  calls={"ring_timeout": "3s"}) as d:
-            resp = await d.create(instance_body(kamailio, transport="udp",
-                                                push={"token": os.urandom(32).hex()}))
-            assert resp.status_code == 201, resp.text
-            caller = caller_factory(kamailio.address, domain=kamailio.domain)
-            trace = await caller.run_async(Scenario.REJECTED, to_user="alice", timeout=15)
-            assert trace.ok, trace.describe()
-            with trio.fail_after(5):
-                await apns.wait_received(3)  # 429, the retried call push, call-ended
-            assert d.daemon.calls is not None
-            assert d.daemon.calls.outcomes["missed"] == 1
-        nursery.cancel_scope.cancel()
+    async with apns_instance(tmp_path, kamailio, calls={"ring_timeout": "3s"}) as (d, apns, body):
+        apns.reply_next(Reply(429, "TooManyRequests", retry_after=1))
+        caller = caller_factory(kamailio.address, domain=kamailio.domain)
+        trace = await caller.run_async(Scenario.REJECTED, to_user="alice", timeout=15)
+        assert trace.ok, trace.describe()
+        with trio.fail_after(5):
+            await apns.wait_received(3)  # 429, the retried call push, call-ended
+        assert d.daemon.calls is not None
+        assert d.daemon.calls.outcomes["missed"] == 1
     assert trace.header_values("X-Sipis-Push-Status", status=180)[:2] == [
         "Alerting-Device", "Push-Notification-Sent"], trace.describe()
     assert trace.header_values("X-Sipis-Reason", status=480) == ["No-Response-From-Device"]
@@ -570,32 +451,22 @@ async def test_caller_cancels_after_the_invite_reached_the_phone_487_and_the_pho
     from tests.peers.phone import AsyncPhone
 
     kamailio = kamailio_factory(fix_nated_register=True, fr_inv_timer=30000)
-    key = TestKey.generate()
-    apns = ApnsServer(public_key=key.public_key)
     phone = AsyncPhone(phone_factory())
-    async with trio.open_nursery() as nursery:
-        await nursery.start(apns.run)
-        async with running_daemon(tmp_path, push=live_apns(apns, key, tmp_path),
-                                  calls={"ring_timeout": "10s"}) as d:
-            resp = await d.create(instance_body(kamailio, transport="udp",
-                                                push={"token": os.urandom(32).hex()}))
-            assert resp.status_code == 201, resp.text
-            body = resp.json()
-            caller = caller_factory(kamailio.address, domain=kamailio.domain)
-            run = caller.start(Scenario.CANCEL, to_user="alice", timeout=15,
-                               cancel_after_ms=2000)
-            with trio.fail_after(5):
-                await apns.wait_received(1)
-            device = body["device"]
-            await phone.register(device["registrar"].replace(";transport=tcp", ""),
-                                 device["username"], body["secret"], realm=device["realm"],
-                                 transport="udp", auto_answer=[180])
-            await phone.wait_incoming_call(timeout=5)
-            await phone.wait_call_state("EARLY", timeout=5)
-            ended = await phone.wait_call_state("DISCONNECTED", timeout=8)
-            trace = await trio.to_thread.run_sync(run.wait)
-            assert trace.ok, trace.describe()
-        nursery.cancel_scope.cancel()
+    async with apns_instance(tmp_path, kamailio, calls={"ring_timeout": "10s"}) as (d, apns, body):
+        caller = caller_factory(kamailio.address, domain=kamailio.domain)
+        run = caller.start(Scenario.CANCEL, to_user="alice", timeout=15,
+                           cancel_after_ms=2000)
+        with trio.fail_after(5):
+            await apns.wait_received(1)
+        device = body["device"]
+        await phone.register(device["registrar"].replace(";transport=tcp", ""),
+                             device["username"], body["secret"], realm=device["realm"],
+                             transport="udp", auto_answer=[180])
+        await phone.wait_incoming_call(timeout=5)
+        await phone.wait_call_state("EARLY", timeout=5)
+        ended = await phone.wait_call_state("DISCONNECTED", timeout=8)
+        trace = await trio.to_thread.run_sync(run.wait)
+        assert trace.ok, trace.describe()
     assert trace.statuses()[-1] == 487, trace.describe()
     assert trace.statuses("CANCEL") == [200], trace.describe()
     assert ended.last_status == 487, ended
@@ -632,24 +503,15 @@ async def test_caller_cancel_without_reason_before_the_phone_is_487_and_a_cancel
     """A CANCEL with no Reason header while only the push is out → 487 upstream, outcome
     cancelled, and an alert call-ended push with reason "cancelled" for the same call."""
     kamailio = kamailio_factory(fix_nated_register=True, fr_inv_timer=30000)
-    key = TestKey.generate()
-    apns = ApnsServer(public_key=key.public_key)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(apns.run)
-        async with running_daemon(tmp_path, push=live_apns(apns, key, tmp_path),
-                                  calls={"ring_timeout": "10s"}) as d:
-            resp = await d.create(instance_body(kamailio, transport="udp",
-                                                push={"token": os.urandom(32).hex()}))
-            assert resp.status_code == 201, resp.text
-            caller = caller_factory(kamailio.address, domain=kamailio.domain)
-            trace = await caller.run_async(Scenario.CANCEL, to_user="alice", timeout=15,
-                                           cancel_after_ms=500)
-            assert trace.ok, trace.describe()
-            with trio.fail_after(5):
-                await apns.wait_received(2)
-            assert d.daemon.calls is not None
-            assert d.daemon.calls.outcomes["cancelled"] == 1
-        nursery.cancel_scope.cancel()
+    async with apns_instance(tmp_path, kamailio, calls={"ring_timeout": "10s"}) as (d, apns, body):
+        caller = caller_factory(kamailio.address, domain=kamailio.domain)
+        trace = await caller.run_async(Scenario.CANCEL, to_user="alice", timeout=15,
+                                       cancel_after_ms=500)
+        assert trace.ok, trace.describe()
+        with trio.fail_after(5):
+            await apns.wait_received(2)
+        assert d.daemon.calls is not None
+        assert d.daemon.calls.outcomes["cancelled"] == 1
     assert trace.statuses()[-1] == 487, trace.describe()
     assert trace.statuses("CANCEL")[:1] == [200], trace.describe()
     cancel = next(m for m in trace.requests_sent if m.method == "CANCEL")
@@ -720,22 +582,14 @@ async def test_message_through_kamailio_is_200_and_an_alert_push_naming_the_send
     """A MESSAGE to the AOR, relayed by Kamailio to sipis → 200 at the sender and one alert
     push of type message with the sender's URI and, push.message_body being off, no body."""
     kamailio = kamailio_factory(fix_nated_register=True, fr_inv_timer=30000)
-    key = TestKey.generate()
-    apns = ApnsServer(public_key=key.public_key)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(apns.run)
-        async with running_daemon(tmp_path, push=live_apns(apns, key, tmp_path)) as d:
-            resp = await d.create(instance_body(kamailio, transport="udp",
-                                                push={"token": os.urandom(32).hex()}))
-            assert resp.status_code == 201, resp.text
-            instance_id = resp.json()["id"]
-            caller = caller_factory(kamailio.address, domain=kamailio.domain, from_user="bob")
-            trace = await caller.run_async(Scenario.MESSAGE, to_user="alice", timeout=10,
-                                           body="Lunch at noon?")
-            assert trace.ok, trace.describe()
-            with trio.fail_after(5):
-                await apns.wait_received(1)
-        nursery.cancel_scope.cancel()
+    async with apns_instance(tmp_path, kamailio) as (d, apns, body):
+        instance_id = body["id"]
+        caller = caller_factory(kamailio.address, domain=kamailio.domain, from_user="bob")
+        trace = await caller.run_async(Scenario.MESSAGE, to_user="alice", timeout=10,
+                                       body="Lunch at noon?")
+        assert trace.ok, trace.describe()
+        with trio.fail_after(5):
+            await apns.wait_received(1)
     assert trace.statuses("MESSAGE")[-1] == 200, trace.describe()
     (push,) = apns.pushes
     assert push.push_type == "alert"
@@ -820,37 +674,22 @@ async def test_re_invite_update_and_info_pass_through_sipis_and_the_call_is_reco
     """After the answer, the caller's re-INVITE (→ 200 → ACK), UPDATE, INFO and BYE all reach
     the phone along sipis's Record-Route and their 200s come back; GET …/calls then shows the
     call as answered, with the caller and the call ref of its push."""
-    from tests.peers.phone import AsyncPhone
 
     kamailio = kamailio_factory(fix_nated_register=True, fr_inv_timer=30000)
-    key = TestKey.generate()
-    apns = ApnsServer(public_key=key.public_key)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(apns.run)
-        async with running_daemon(tmp_path, push=live_apns(apns, key, tmp_path),
-                                  calls={"ring_timeout": "10s"}) as d:
-            resp = await d.create(instance_body(kamailio, transport="udp",
-                                                push={"token": os.urandom(32).hex()}))
-            assert resp.status_code == 201, resp.text
-            body = resp.json()
-            caller = caller_factory(kamailio.address, domain=kamailio.domain, from_user="bob")
-            run = caller.start(Scenario.CALL_MID_DIALOG, to_user="alice", timeout=20,
-                               hold_ms=200)
-            with trio.fail_after(5):
-                await apns.wait_received(1)
-            phone = AsyncPhone(phone_factory())
-            device = body["device"]
-            await phone.register(device["registrar"].replace(";transport=tcp", ""),
-                                 device["username"], body["secret"], realm=device["realm"],
-                                 transport="udp", auto_answer=[200])
-            incoming = await phone.wait_incoming_call(timeout=10)
-            seen = [(await phone.wait_call_request(method, timeout=10)).method
-                    for method in ("INVITE", "UPDATE", "INFO", "BYE")]
-            trace = await trio.to_thread.run_sync(run.wait)
-            assert trace.ok, trace.describe()
-            calls = await d.client.get(f"/v1/instances/{body['id']}/calls",
-                                       headers={"authorization": f"Bearer {body['secret']}"})
-        nursery.cancel_scope.cancel()
+    async with apns_instance(tmp_path, kamailio, calls={"ring_timeout": "10s"}) as (d, apns, body):
+        caller = caller_factory(kamailio.address, domain=kamailio.domain, from_user="bob")
+        run = caller.start(Scenario.CALL_MID_DIALOG, to_user="alice", timeout=20,
+                           hold_ms=200)
+        with trio.fail_after(5):
+            await apns.wait_received(1)
+        phone = await woken_phone(phone_factory, body, auto_answer=[200])
+        incoming = await phone.wait_incoming_call(timeout=10)
+        seen = [(await phone.wait_call_request(method, timeout=10)).method
+                for method in ("INVITE", "UPDATE", "INFO", "BYE")]
+        trace = await trio.to_thread.run_sync(run.wait)
+        assert trace.ok, trace.describe()
+        calls = await d.client.get(f"/v1/instances/{body['id']}/calls",
+                                   headers={"authorization": f"Bearer {body['secret']}"})
     assert seen == ["INVITE", "UPDATE", "INFO", "BYE"]
     for method in ("UPDATE", "INFO", "BYE"):
         assert trace.statuses(method) == [200], trace.describe()
@@ -869,40 +708,26 @@ async def test_message_is_held_and_delivered_to_the_phone_when_it_registers(
     """A MESSAGE with no phone registered is held (alert push sent); when the woken phone
     registers to sipis it receives the MESSAGE with the sender and the text; a DELETE of the
     instance then drops the phone's binding at sipis too."""
-    from tests.peers.phone import AsyncPhone
 
     kamailio = kamailio_factory(fix_nated_register=True, fr_inv_timer=30000)
-    key = TestKey.generate()
-    apns = ApnsServer(public_key=key.public_key)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(apns.run)
-        async with running_daemon(tmp_path, push=live_apns(apns, key, tmp_path)) as d:
-            resp = await d.create(instance_body(kamailio, transport="udp",
-                                                push={"token": os.urandom(32).hex()}))
-            assert resp.status_code == 201, resp.text
-            body = resp.json()
-            auth = {"authorization": f"Bearer {body['secret']}"}
-            caller = caller_factory(kamailio.address, domain=kamailio.domain, from_user="bob")
-            trace = await caller.run_async(Scenario.MESSAGE, to_user="alice", timeout=10,
-                                           body="See you at eight")
-            assert trace.ok, trace.describe()
-            with trio.fail_after(5):
-                await apns.wait_received(1)
-            phone = AsyncPhone(phone_factory())
-            device = body["device"]
-            await phone.register(device["registrar"].replace(";transport=tcp", ""),
-                                 device["username"], body["secret"], realm=device["realm"],
-                                 transport="udp")
-            got = await phone.wait_message(timeout=10)
-            assert d.daemon.calls is not None and d.daemon.store is not None
-            with trio.fail_after(5):
-                while await d.daemon.store.held_messages(body["id"]):
-                    await trio.sleep(0.05)
-            assert d.daemon.calls.registrar.bindings.live(body["id"], trio.current_time())
-            deleted = await d.client.delete(f"/v1/instances/{body['id']}", headers=auth)
-            assert deleted.status_code == 204
-            assert not d.daemon.calls.registrar.bindings.live(body["id"], trio.current_time())
-        nursery.cancel_scope.cancel()
+    async with apns_instance(tmp_path, kamailio) as (d, apns, body):
+        auth = {"authorization": f"Bearer {body['secret']}"}
+        caller = caller_factory(kamailio.address, domain=kamailio.domain, from_user="bob")
+        trace = await caller.run_async(Scenario.MESSAGE, to_user="alice", timeout=10,
+                                       body="See you at eight")
+        assert trace.ok, trace.describe()
+        with trio.fail_after(5):
+            await apns.wait_received(1)
+        phone = await woken_phone(phone_factory, body)
+        got = await phone.wait_message(timeout=10)
+        assert d.daemon.calls is not None and d.daemon.store is not None
+        with trio.fail_after(5):
+            while await d.daemon.store.held_messages(body["id"]):
+                await trio.sleep(0.05)
+        assert d.daemon.calls.registrar.bindings.live(body["id"], trio.current_time())
+        deleted = await d.client.delete(f"/v1/instances/{body['id']}", headers=auth)
+        assert deleted.status_code == 204
+        assert not d.daemon.calls.registrar.bindings.live(body["id"], trio.current_time())
     assert got.body.rstrip() == "See you at eight"
     assert f"sip:bob@{kamailio.domain}" in got.from_uri
     assert got.content_type.startswith("text/plain")
@@ -943,36 +768,22 @@ async def test_a_phone_that_rings_past_timer_c_is_cancelled_and_the_caller_gets_
     """RFC 3261 §16.8: the phone answers 180 and nothing more, the caller never gives up:
     when Timer C (2 s here) runs out, sipis CANCELs the phone and answers the caller 408;
     the call is recorded as missed."""
-    from tests.peers.phone import AsyncPhone
 
     kamailio = kamailio_factory(fix_nated_register=True, fr_inv_timer=30000)
-    key = TestKey.generate()
-    apns = ApnsServer(public_key=key.public_key)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(apns.run)
-        async with running_daemon(tmp_path, push=live_apns(apns, key, tmp_path),
-                                  calls={"ring_timeout": "10s", "timer_c": "2s"}) as d:
-            resp = await d.create(instance_body(kamailio, transport="udp",
-                                                push={"token": os.urandom(32).hex()}))
-            assert resp.status_code == 201, resp.text
-            body = resp.json()
-            caller = caller_factory(kamailio.address, domain=kamailio.domain)
-            run = caller.start(Scenario.REJECTED, to_user="alice", timeout=20,
-                               final_statuses=[408])
-            with trio.fail_after(5):
-                await apns.wait_received(1)
-            phone = AsyncPhone(phone_factory())
-            device = body["device"]
-            await phone.register(device["registrar"].replace(";transport=tcp", ""),
-                                 device["username"], body["secret"], realm=device["realm"],
-                                 transport="udp", auto_answer=[180])
-            await phone.wait_incoming_call(timeout=10)
-            ended = await phone.wait_call_state("DISCONNECTED", timeout=10)
-            trace = await trio.to_thread.run_sync(run.wait)
-            assert trace.ok, trace.describe()
-            assert d.daemon.calls is not None
-            assert d.daemon.calls.outcomes["missed"] == 1
-        nursery.cancel_scope.cancel()
+    async with apns_instance(tmp_path, kamailio,
+                             calls={"ring_timeout": "10s", "timer_c": "2s"}) as (d, apns, body):
+        caller = caller_factory(kamailio.address, domain=kamailio.domain)
+        run = caller.start(Scenario.REJECTED, to_user="alice", timeout=20,
+                           final_statuses=[408])
+        with trio.fail_after(5):
+            await apns.wait_received(1)
+        phone = await woken_phone(phone_factory, body, auto_answer=[180])
+        await phone.wait_incoming_call(timeout=10)
+        ended = await phone.wait_call_state("DISCONNECTED", timeout=10)
+        trace = await trio.to_thread.run_sync(run.wait)
+        assert trace.ok, trace.describe()
+        assert d.daemon.calls is not None
+        assert d.daemon.calls.outcomes["missed"] == 1
     assert trace.statuses()[-1] == 408
     assert 180 in trace.statuses()
     assert ended.last_status == 487, ended

@@ -18,6 +18,7 @@ import trio
 import trustme
 import yaml
 
+from tests.integration.callkit import apns_instance, live_apns, woken_phone
 from tests.integration.harness import (
     LOG_LINES,
     DaemonProcess,
@@ -26,7 +27,6 @@ from tests.integration.harness import (
     instance_body,
     running_daemon,
 )
-from tests.integration.test_calls import live_apns
 from tests.peers.apns_server import ApnsServer, TestKey
 from tests.peers.caller import Scenario
 
@@ -63,51 +63,36 @@ async def test_sighup_applies_a_new_allow_list_during_a_call_and_registrations_s
     instances for the old domain get 403 at once, while the call goes on to its BYE and the
     instance stays registered at Kamailio. Then SIGHUP with a broken file: the old config
     stays (the allow-list still refuses) and the log says why."""
-    from tests.peers.phone import AsyncPhone
 
     kamailio = kamailio_factory(fix_nated_register=True, fr_inv_timer=30000)
-    key = TestKey.generate()
-    apns = ApnsServer(public_key=key.public_key)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(apns.run)
-        async with running_daemon(tmp_path, push=live_apns(apns, key, tmp_path),
-                                  calls={"ring_timeout": "10s"}) as d:
-            resp = await d.create(instance_body(kamailio, transport="udp",
-                                                push={"token": os.urandom(32).hex()}))
-            assert resp.status_code == 201, resp.text
-            body = resp.json()
-            caller = caller_factory(kamailio.address, domain=kamailio.domain)
-            run = caller.start(Scenario.CALL, to_user="alice", timeout=20, hold_ms=2500)
-            with trio.fail_after(5):
-                await apns.wait_received(1)
-            phone = AsyncPhone(phone_factory())
-            device = body["device"]
-            await phone.register(device["registrar"].replace(";transport=tcp", ""),
-                                 device["username"], body["secret"], realm=device["realm"],
-                                 transport="udp", auto_answer=[200])
-            await phone.wait_incoming_call(timeout=10)
-            await phone.wait_call_state("CONFIRMED", timeout=10)
+    async with apns_instance(tmp_path, kamailio, calls={"ring_timeout": "10s"}) as (d, apns, body):
+        caller = caller_factory(kamailio.address, domain=kamailio.domain)
+        run = caller.start(Scenario.CALL, to_user="alice", timeout=20, hold_ms=2500)
+        with trio.fail_after(5):
+            await apns.wait_received(1)
+        phone = await woken_phone(phone_factory, body, auto_answer=[200])
+        await phone.wait_incoming_call(timeout=10)
+        await phone.wait_call_state("CONFIRMED", timeout=10)
 
-            rewrite(d.config_path, {"api.allowed_domains": ["only.example.org"]})
-            await sighup_and_wait("SIGHUP: configuration reloaded")
-            refused = await d.client.post("/v1/instances", json=instance_body(
-                kamailio, user="bob", transport="udp"))
-            assert refused.status_code == 403, refused.text
+        rewrite(d.config_path, {"api.allowed_domains": ["only.example.org"]})
+        await sighup_and_wait("SIGHUP: configuration reloaded")
+        refused = await d.client.post("/v1/instances", json=instance_body(
+            kamailio, user="bob", transport="udp"))
+        assert refused.status_code == 403, refused.text
 
-            d.config_path.write_text("api: [this is: not a mapping\n")
-            why = await sighup_and_wait("SIGHUP: keeping the old configuration")
-            assert "sipis.yaml" in why or "line" in why
-            again = await d.client.post("/v1/instances", json=instance_body(
-                kamailio, user="bob", transport="udp"))
-            assert again.status_code == 403, again.text
+        d.config_path.write_text("api: [this is: not a mapping\n")
+        why = await sighup_and_wait("SIGHUP: keeping the old configuration")
+        assert "sipis.yaml" in why or "line" in why
+        again = await d.client.post("/v1/instances", json=instance_body(
+            kamailio, user="bob", transport="udp"))
+        assert again.status_code == 403, again.text
 
-            trace = await trio.to_thread.run_sync(run.wait)
-            assert trace.ok, trace.describe()
-            state = await d.client.get(f"/v1/instances/{body['id']}",
-                                       headers={"authorization": f"Bearer {body['secret']}"})
-            assert state.json()["registration"]["state"] == "registered"
-            assert len(kamailio.location("alice")) == 1
-        nursery.cancel_scope.cancel()
+        trace = await trio.to_thread.run_sync(run.wait)
+        assert trace.ok, trace.describe()
+        state = await d.client.get(f"/v1/instances/{body['id']}",
+                                   headers={"authorization": f"Bearer {body['secret']}"})
+        assert state.json()["registration"]["state"] == "registered"
+        assert len(kamailio.location("alice")) == 1
     assert trace.statuses("BYE") == [200]
 
 
