@@ -121,17 +121,32 @@ def _fail(message: str, code: int) -> int:
 def _run(config: Config, path: Path) -> int:
     from sipis.admin import AdminError
     from sipis.daemon import run_daemon
+    from sipis.store.errors import StoreError
 
     setup_logging(config.log.level, config.log.format)
     try:
         with contextlib.suppress(KeyboardInterrupt):
             trio.run(run_daemon, config, path)
-    except ConfigError as exc:  # found while building components (a bad key file, …)
-        print(format_config_error(exc), file=sys.stderr)
-        return EX_CONFIG
-    except AdminError as exc:  # another daemon on the control socket, or it cannot be bound
-        return _fail(str(exc), EX_UNAVAILABLE)
+    except BaseException as exc:  # errors from inside nurseries come as ExceptionGroups
+        leaf = _first_leaf(exc)
+        if isinstance(leaf, ConfigError):  # found while building components (a bad key file)
+            print(format_config_error(leaf), file=sys.stderr)
+            return EX_CONFIG
+        if isinstance(leaf, AdminError):  # another daemon on the control socket, …
+            return _fail(str(leaf), EX_UNAVAILABLE)
+        if isinstance(leaf, StoreError):  # not a database, newer schema, unreadable values
+            return _fail(f"cannot open the store: {leaf}", EX_UNAVAILABLE)
+        if isinstance(leaf, OSError):  # a listen address in use or not ours
+            return _fail(f"cannot start: {leaf}", EX_UNAVAILABLE)
+        raise
     return 0
+
+
+def _first_leaf(exc: BaseException) -> BaseException:
+    """The first non-group exception inside ``exc`` (itself if it is no group)."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
 
 
 def _keygen(path: Path) -> int:

@@ -54,6 +54,33 @@ def test_run_with_a_missing_config_file_fails_before_starting(tmp_path: Path) ->
     assert "nope.yaml" in done.stderr
 
 
+@pytest.mark.parametrize("problem", ["store-not-a-database", "port-taken"])
+def test_run_that_cannot_start_exits_69_with_one_clear_line_and_no_traceback(
+    tmp_path: Path, problem: str
+) -> None:
+    """A store file that is not a database, or an API port another process holds: exit 69
+    (EX_UNAVAILABLE: systemd retries later) with the reason, not a Python traceback."""
+    import socket
+
+    from tests.integration.harness import daemon_settings, write_config
+
+    settings = daemon_settings(tmp_path, api_port=free_port("tcp"))
+    holder = socket.socket()
+    try:
+        if problem == "store-not-a-database":
+            (tmp_path / "sipis.db").write_bytes(b"this is not an SQLite database, " * 64)
+        else:
+            holder.bind(("127.0.0.1", settings["api"]["listen"]["port"]))
+            holder.listen()
+        done = sipis("run", "-c", str(write_config(tmp_path, settings)))
+    finally:
+        holder.close()
+    assert done.returncode == 69, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert ("cannot open the store" if problem == "store-not-a-database"
+            else "cannot start") in done.stderr
+
+
 async def test_instances_list_and_show_print_no_secrets(tmp_path: Path) -> None:
     """The admin view: ids, AORs and state; never the password or the full push token."""
     key = tmp_path / "sipis.key"
