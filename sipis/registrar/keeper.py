@@ -48,6 +48,13 @@ log = logging.getLogger(__name__)
 #: restart does not mistake a healthy instance for one unregistered past its max age.
 PERSIST_REGISTERED_EVERY = 600.0
 
+#: Registrations the dispatcher drives at once. The token bucket paces REGISTERs, but when
+#: sipis itself is the slower side (CPU-bound: ~0.7 ms per REGISTER transaction here) a rate
+#: set above what it can process let answers queue unread until UDP retransmitted the
+#: requests (Timer E): the provider then saw more REGISTERs per second than the limit, and
+#: some transactions timed out. With this many in flight the queue stays far below T1.
+MAX_IN_FLIGHT = 128
+
 
 class ClientResultLike(Protocol):
     @property
@@ -176,6 +183,7 @@ class RegistrationKeeper:
         self.config = config
         self._rng = rng or random.Random()  # noqa: S311 — jitter only
         self._bucket = TokenBucket(config.register_rate, config.register_burst)
+        self._in_flight = trio.Semaphore(MAX_IN_FLIGHT)
         self._entries: dict[str, _Entry] = {}
         self._heap: list[tuple[float, int, str]] = []
         self._seq = 0
@@ -296,7 +304,10 @@ class RegistrationKeeper:
             if record.registrar
             else URI(scheme=aor.scheme, user=None, host=aor.host, port=aor.port)
         )
-        registrar = attrs.evolve(registrar, user=None, password=None, headers=())
+        if registrar.user is not None or registrar.password is not None or registrar.headers:
+            # Only copy when there is something to drop: otherwise the one parsed registrar
+            # URI is shared by every instance that names it (less memory, faster start).
+            registrar = attrs.evolve(registrar, user=None, password=None, headers=())
         target_uri = URI.parse(record.outbound_proxy) if record.outbound_proxy else registrar
         transport = _preferred_transport(target_uri, self.config.transports)
         params = BindingParams(
@@ -355,19 +366,27 @@ class RegistrationKeeper:
                 heapq.heappop(self._heap)
                 entry.scheduled_at = None
                 continue
-            # Pay for the REGISTER before starting its task: a cold start with many due
-            # bindings then waits here, in the heap, not as thousands of waiting tasks.
-            await self._bucket.acquire()
+            # Pay for the REGISTER (and take an in-flight slot) before starting its task: a
+            # cold start with many due bindings then waits here, in the heap, not as
+            # thousands of waiting tasks.
+            await self._in_flight.acquire()
+            try:
+                await self._bucket.acquire()
+            except BaseException:
+                self._in_flight.release()
+                raise
             if entry.scheduled_at != at or entry.busy or entry.record.id not in self._entries:
+                self._in_flight.release()
                 continue  # changed while we waited; the heap has its new schedule
             heapq.heappop(self._heap)
             entry.scheduled_at = None
-            self._fire(entry, prepaid=True)
+            self._fire(entry, prepaid=True, slot=True)
 
-    def _fire(self, entry: _Entry, *, prepaid: bool) -> None:
+    def _fire(self, entry: _Entry, *, prepaid: bool, slot: bool = False) -> None:
+        """Drive ``entry`` in a new task; ``slot``: it holds an in-flight slot to release."""
         assert self._nursery is not None, "RegistrationKeeper.run() is not running"
         entry.busy = True
-        self._nursery.start_soon(self._drive, entry, prepaid)
+        self._nursery.start_soon(self._drive, entry, prepaid, slot)
 
     def _run_actions(self, entry: _Entry, actions: list[Action]) -> None:
         """Actions produced outside a driving task (remove): hand sends to a new task."""
@@ -379,9 +398,9 @@ class RegistrationKeeper:
             entry.busy = True
             self._nursery.start_soon(self._drive_sends, entry, sends)
 
-    async def _drive(self, entry: _Entry, prepaid: bool) -> None:
+    async def _drive(self, entry: _Entry, prepaid: bool, slot: bool = False) -> None:
         try:
-            await self._resolve_contact(entry)
+            resolved = await self._resolve_contact(entry)
             now = trio.current_time()
             if entry.needs_start:
                 entry.needs_start = False
@@ -389,9 +408,11 @@ class RegistrationKeeper:
             else:
                 actions = entry.binding.on_timer(now)
             sends = self._apply_local(entry, actions)
-            await self._send_all(entry, sends, prepaid=prepaid)
+            await self._send_all(entry, sends, prepaid=prepaid, resolved=resolved)
         finally:
             entry.busy = False
+            if slot:
+                self._in_flight.release()
 
     async def _drive_sends(self, entry: _Entry, sends: list[SendRegister]) -> None:
         try:
@@ -399,22 +420,29 @@ class RegistrationKeeper:
         finally:
             entry.busy = False
 
-    async def _resolve_contact(self, entry: _Entry) -> None:
-        """Pick the Contact's transport from where RFC 3263 sends us (before anything is bound)."""
+    async def _resolve_contact(self, entry: _Entry) -> list[Sequence[Target]]:
+        """Pick the Contact's transport from where RFC 3263 sends us (before anything is bound).
+
+        Returns the resolution as a holder for the drive's transactions (empty: resolve when
+        sending), so that a REGISTER and its authenticated retry resolve once, not thrice.
+        """
         if entry.binding.state == RegState.REGISTERED:
-            return
+            return []
         try:
             targets = await self._resolver.resolve(entry.target_uri)
         except ResolveError:
-            return  # the send reports it
+            return []  # the send reports it
         for target in targets:
             if target.transport in self.config.transports:
                 entry.binding.set_contact(self._contact(entry.record, target.transport))
-                return
+                break
+        return [targets]
 
     async def _send_all(
-        self, entry: _Entry, sends: list[SendRegister], *, prepaid: bool = False
+        self, entry: _Entry, sends: list[SendRegister], *, prepaid: bool = False,
+        resolved: list[Sequence[Target]] | None = None,
     ) -> None:
+        resolved = resolved if resolved is not None else []
         queue = list(sends)
         while queue:
             send = queue.pop(0)
@@ -422,19 +450,25 @@ class RegistrationKeeper:
                 prepaid = False
             else:
                 await self._bucket.acquire()
-            actions = await self._transact(entry, send.request)
+            actions = await self._transact(entry, send.request, resolved)
             queue.extend(self._apply_local(entry, actions))
         await self._persist(entry)
 
-    async def _transact(self, entry: _Entry, request: SipRequest) -> list[Action]:
+    async def _transact(self, entry: _Entry, request: SipRequest,
+                        resolved: list[Sequence[Target]] | None = None) -> list[Action]:
+        """One REGISTER transaction; ``resolved`` holds this drive's resolution (filled here
+        when empty)."""
         self.registers_sent += 1
         contact_transport = entry.binding.params.contact.uri.transport or "udp"
         started = trio.current_time()
         try:
-            targets = [
-                t for t in await self._resolver.resolve(entry.target_uri)
-                if t.transport == contact_transport
-            ]
+            if resolved:
+                everywhere = resolved[0]
+            else:
+                everywhere = await self._resolver.resolve(entry.target_uri)
+                if resolved is not None:
+                    resolved.append(everywhere)
+            targets = [t for t in everywhere if t.transport == contact_transport]
             if not targets:
                 raise ResolveError(f"no {contact_transport} target for {entry.target_uri.host}")
             result = await self._endpoint.request(request, targets)

@@ -1,0 +1,297 @@
+"""``sipis`` CLI for the benchmarks, with optional in-process timing hooks.
+
+With ``SIPIS_BENCH_PROFILE=FILE`` the whole run is profiled (pyinstrument text report, or
+cProfile stats for a ``.pstats`` FILE, written at exit). With ``SIPIS_BENCH_TIMING=FILE`` set,
+it wraps two points of a running daemon and appends one line per event to FILE at exit
+(``monotonic_ns kind key``; CLOCK_MONOTONIC is shared by every process, so the lines compare
+with other processes' clocks):
+
+- ``invite``: a UDP datagram holding an INVITE handed to sipis's SIP transport, keyed by its
+  Call-ID (the moment the INVITE arrived at sipis, before parsing);
+- ``push``: the bytes holding a push's END_STREAM handed to the APNs connection's socket
+  (``send_all``), keyed by the push payload's ``sip_call_id``.
+
+These wrap private functions of ``sipis.sip.transport`` and ``sipis.push.apns`` from the
+outside, so that the daemon's code carries nothing for the benchmarks; if those names move,
+the hooks are skipped and the INVITE benchmark says so.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any
+
+
+def _install_timing(path: str) -> list[str]:
+    """Install the hooks; returns the names of those that could not be installed."""
+    import atexit
+
+    lines: list[str] = []  # kept in memory: a write per event would add to what we measure
+    missing: list[str] = []
+
+    def flush() -> None:
+        with open(path, "a") as out:
+            out.writelines(lines)
+        lines.clear()
+
+    def note(kind: str, key: str) -> None:
+        lines.append(f"{time.monotonic_ns()} {kind} {key}\n")
+        if len(lines) >= 100_000:
+            flush()
+
+    atexit.register(flush)
+
+    # -- INVITE arrival: the UDP transport's datagram handler, before parsing.
+    from sipis.sip import transport
+
+    transport_cls: Any = getattr(transport, "NetworkTransport", None)
+    original_datagram = getattr(transport_cls, "_datagram", None)
+    if original_datagram is None:
+        missing.append("invite")
+    else:
+        async def datagram(self: Any, udp: Any, data: bytes, address: Any) -> None:
+            if data[:7] == b"INVITE ":
+                key = _call_id(data)
+                if key:
+                    note("invite", key)
+            await original_datagram(self, udp, data, address)
+
+        transport_cls._datagram = datagram
+
+    # -- push written: the APNs connection's socket writes.
+    from sipis.push import apns
+
+    conn_cls: Any = getattr(apns, "_Connection", None)
+    original_send_body = getattr(conn_cls, "_send_body", None)
+    original_connect = getattr(conn_cls, "_connect", None)
+    if conn_cls is None or original_send_body is None or original_connect is None:
+        missing.append("push")
+        return missing
+
+    pending: dict[int, list[tuple[int, str]]] = {}  # id(connection) → [(end_offset, key)]
+
+    async def send_body(self: Any, stream: Any, body: bytes) -> None:
+        await original_send_body(self, stream, body)
+        if stream.end_offset is not None:
+            key = _json_value(body, b'"sip_call_id":"')
+            if key:
+                pending.setdefault(id(self), []).append((stream.end_offset, key))
+
+    async def connect(self: Any) -> Any:
+        tls = await original_connect(self)
+        conn = self
+        original_send_all = tls.send_all
+
+        async def send_all(data: Any) -> None:
+            await original_send_all(data)
+            waiting = pending.get(id(conn))
+            if waiting:
+                handed = conn._handed
+                keep = []
+                for end_offset, key in waiting:
+                    if end_offset <= handed:
+                        note("push", key)
+                    else:
+                        keep.append((end_offset, key))
+                pending[id(conn)] = keep
+
+        tls.send_all = send_all
+        return tls
+
+    conn_cls._send_body = send_body
+    conn_cls._connect = connect
+    return missing
+
+
+def _call_id(data: bytes) -> str | None:
+    for line in data.split(b"\r\n"):
+        if not line:
+            return None
+        name, _, value = line.partition(b":")
+        if name.strip().lower() in (b"call-id", b"i"):
+            return value.strip().decode("latin-1")
+    return None
+
+
+def _json_value(body: bytes, prefix: bytes) -> str | None:
+    start = body.find(prefix)
+    if start < 0:
+        return None
+    start += len(prefix)
+    end = body.find(b'"', start)
+    return body[start:end].decode() if end > start else None
+
+
+def _install_sampler(path: str, interval: float = 0.0005) -> None:
+    """A CPU-time sampling profiler (SIGPROF): self and inclusive samples per function.
+
+    Cheap enough to leave the measured figures nearly unchanged, unlike tracing profilers;
+    written to ``path`` at exit, most sampled first.
+    """
+    import atexit
+    import collections
+    import signal
+
+    own: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    total = [0]
+
+    def name(frame: Any) -> str:
+        code = frame.f_code
+        where = code.co_filename.rsplit("site-packages/", 1)[-1].replace(str(os.getcwd()), "")
+        return f"{where.lstrip('/')}:{code.co_name}"
+
+    def sample(signum: int, frame: Any) -> None:
+        if frame is None:
+            return
+        total[0] += 1
+        own[name(frame)] += 1
+        seen = set()
+        while frame is not None:
+            key = name(frame)
+            if key not in seen:
+                seen.add(key)
+                inclusive[key] += 1
+            frame = frame.f_back
+
+    def dump() -> None:
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        with open(path, "w") as out:
+            out.write(f"samples {total[0]} (every {interval * 1e3:g} ms of CPU)\n\nself:\n")
+            for key, count in own.most_common(60):
+                out.write(f"{100 * count / max(1, total[0]):6.2f}%  {key}\n")
+            out.write("\ninclusive:\n")
+            for key, count in inclusive.most_common(120):
+                out.write(f"{100 * count / max(1, total[0]):6.2f}%  {key}\n")
+
+    signal.signal(signal.SIGPROF, sample)
+    signal.setitimer(signal.ITIMER_PROF, interval, interval)
+    atexit.register(dump)
+
+
+def _install_tracemalloc(path: str) -> None:
+    """Trace allocations; at exit, write the 40 source lines holding the most memory."""
+    import atexit
+    import tracemalloc
+
+    tracemalloc.start(1)
+
+    def dump() -> None:
+        snapshot = tracemalloc.take_snapshot()
+        stats = snapshot.statistics("lineno")
+        with open(path, "w") as out:
+            out.write(f"total {sum(s.size for s in stats) / 2**20:.1f} MiB\n")
+            for stat in stats[:40]:
+                out.write(f"{stat.size / 2**20:8.2f} MiB {stat.count:8d}  {stat.traceback}\n")
+
+    atexit.register(dump)
+
+
+def _install_gc_stats(path: str) -> None:
+    """Time the cyclic garbage collector per generation; written to ``path`` at exit."""
+    import atexit
+    import gc
+
+    spent = [0.0, 0.0, 0.0]
+    runs = [0, 0, 0]
+    started = [0.0]
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.process_time()
+        else:
+            spent[info["generation"]] += time.process_time() - started[0]
+            runs[info["generation"]] += 1
+
+    def dump() -> None:
+        with open(path, "w") as out:
+            for gen in range(3):
+                out.write(f"gen{gen}: {runs[gen]} collections, {spent[gen]:.2f} CPU-s\n")
+            out.write(f"process CPU {time.process_time():.2f} s, objects {len(gc.get_objects())}\n")
+
+    gc.callbacks.append(callback)
+    atexit.register(dump)
+
+
+def _install_experiments(spec: str) -> None:
+    """Experiments for changes in modules the benchmarks do not own (``SIPIS_BENCH_TRY``):
+
+    - ``gcfreeze``: ``gc.freeze()`` right after the stored instances are loaded;
+    - ``sweeptime``: log how long each lifetime sweep takes (CPU).
+    """
+    import gc
+    import logging
+
+    from sipis import instances
+
+    service: Any = instances.InstanceService
+    wanted = set(spec.split(","))
+    if "gcfreeze" in wanted:
+        original_load = service.load_all
+
+        async def load_all(self: Any) -> int:
+            kept: int = await original_load(self)
+            gc.collect()
+            gc.freeze()
+            return kept
+
+        service.load_all = load_all
+    if "sweeptime" in wanted:
+        original_sweep = service.sweep
+
+        async def sweep(self: Any) -> int:
+            t0 = time.process_time()
+            wiped: int = await original_sweep(self)
+            logging.getLogger("bench").warning("sweep took %.3f CPU-s", time.process_time() - t0)
+            return wiped
+
+        service.sweep = sweep
+
+
+def main() -> int:
+    experiments = os.environ.get("SIPIS_BENCH_TRY")
+    if experiments:
+        _install_experiments(experiments)
+    gc_stats = os.environ.get("SIPIS_BENCH_GCSTATS")
+    if gc_stats:
+        _install_gc_stats(gc_stats)
+    traced = os.environ.get("SIPIS_BENCH_TRACEMALLOC")
+    if traced:
+        _install_tracemalloc(traced)
+    sampler = os.environ.get("SIPIS_BENCH_SAMPLE")
+    if sampler:
+        _install_sampler(sampler)
+    timing = os.environ.get("SIPIS_BENCH_TIMING")
+    if timing:
+        missing = _install_timing(timing)
+        if missing:
+            print(f"bench timing hooks not installed: {', '.join(missing)}", file=sys.stderr)
+    from sipis.cli import main as sipis_main
+
+    profile = os.environ.get("SIPIS_BENCH_PROFILE")
+    if not profile:
+        return sipis_main(sys.argv[1:])
+    if profile.endswith(".pstats"):
+        import cProfile
+
+        with cProfile.Profile() as prof:
+            try:
+                return sipis_main(sys.argv[1:])
+            finally:
+                prof.dump_stats(profile)
+    from pyinstrument import Profiler
+
+    profiler = Profiler(interval=0.001, async_mode="disabled")
+    profiler.start()
+    try:
+        return sipis_main(sys.argv[1:])
+    finally:
+        profiler.stop()
+        with open(profile, "w") as f:
+            f.write(profiler.output_text(unicode=False, color=False, show_all=False))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
