@@ -15,6 +15,7 @@ stay at the providers and are refreshed after the restart), let in-flight store 
 from __future__ import annotations
 
 import functools
+import gc
 import ipaddress
 import logging
 import signal
@@ -350,6 +351,11 @@ class Daemon:
         self.metrics.watch(instances=service.counts_by_state, calls=lambda: calls.outcomes)
         await nursery.start(calls.run)
         await service.load_all()
+        # The loaded instances live as long as the daemon: moving them out of the cyclic
+        # collector's generations saves it walking ~16 objects per instance on every full
+        # collection (measured: 14 % of the CPU per REGISTER at 100k instances).
+        gc.collect()
+        gc.freeze()
         await nursery.start(service.run_sweeper, lambda: self.config.lifetime.sweep_interval)
         tls = config.api.tls
         cert_file, key_file = tls.cert_file, tls.key_file

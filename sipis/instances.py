@@ -250,6 +250,9 @@ class InstanceService:
         # id → (expires_at warned about, smallest offset warned): one push per offset per
         # expiry; an extension (heard from) moves expires_at and re-arms the warnings.
         self._warned: dict[str, tuple[float, float]] = {}
+        # contact token → id and back (contact tokens never change): the INVITE path's lookup.
+        self._by_token: dict[str, str] = {}
+        self._token_of: dict[str, str] = {}
 
     # -- start-up and sweeping --------------------------------------------------------------
 
@@ -260,6 +263,7 @@ class InstanceService:
         kept = 0
         for record in records:
             self._expiry[record.id] = (record.expires_at, record.created_at)
+            self._index_token(record)
             if record.expires_at <= now:
                 await self.wipe(record.id, WipeReason.EXPIRED)
                 continue
@@ -397,6 +401,7 @@ class InstanceService:
                 await self._keeper.remove(record.id)
             raise
         self._expiry[record.id] = (record.expires_at, record.created_at)
+        self._index_token(record)
         self._cache_ha1(record)
         log.info("instance=%s created app=%s domain=%s lifetime=%d", short_id(record.id),
                  record.app, aor.host, lifetime)
@@ -446,6 +451,9 @@ class InstanceService:
             self._handed_to_app.discard(instance_id)
             self._ha1_cache.pop(instance_id, None)
             self._warned.pop(instance_id, None)
+            token = self._token_of.pop(instance_id, None)
+            if token is not None:
+                self._by_token.pop(token, None)
         self._locks.pop(instance_id, None)
         if deleted:
             log.info("instance=%s wiped reason=%s", short_id(instance_id), reason)
@@ -476,6 +484,17 @@ class InstanceService:
 
     def registration_status(self, record: InstanceRecord) -> RegistrationStatus:
         return self._keeper.status(record.id) or record.registration
+
+    def _index_token(self, record: InstanceRecord) -> None:
+        self._by_token[record.contact_token] = record.id
+        self._token_of[record.id] = record.contact_token
+
+    def kept_record_by_contact_token(self, token: str) -> InstanceRecord | None:
+        """The instance a contact token names, from memory (no store read, no thread): the
+        keeper's current record. None when the token is unknown or the instance is not kept
+        (handed to the app): then the caller asks the store."""
+        instance_id = self._by_token.get(token)
+        return None if instance_id is None else self._keeper.record(instance_id)
 
     def counts_by_state(self) -> dict[str, int]:
         """Live instances by registration state as the API shows it (``sipis_instances``):

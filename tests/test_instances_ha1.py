@@ -37,13 +37,18 @@ class FakeKeeper:
 
     def __init__(self) -> None:
         self.kept: set[str] = set()
+        self.records: dict[str, InstanceRecord] = {}
 
     async def register_first(self, record: InstanceRecord) -> Outcome:
         self.kept.add(record.id)
+        self.records[record.id] = record
         return Outcome(registered=True, status=200, reason="OK")
 
     def status(self, instance_id: str) -> RegistrationStatus | None:
         return None
+
+    def record(self, instance_id: str) -> InstanceRecord | None:
+        return self.records.get(instance_id) if instance_id in self.kept else None
 
     def adopt(self, record: InstanceRecord, *, delay: float = 0.0) -> None:
         self.kept.add(record.id)
@@ -282,3 +287,16 @@ def test_ids_and_contact_tokens_never_start_with_a_dash() -> None:
     from sipis.instances import _token
 
     assert not any(_token(16).startswith("-") for _ in range(5000))
+
+
+async def test_the_invite_path_finds_kept_instances_by_contact_token_in_memory() -> None:
+    """kept_record_by_contact_token answers from memory for kept instances, None for unknown
+    tokens and once the instance is wiped (then the driver asks the store)."""
+    service = make_service(MemoryStore())
+    created = await service.create(new_instance())
+    token = created.record.contact_token
+    found = service.kept_record_by_contact_token(token)
+    assert found is not None and found.id == created.record.id
+    assert service.kept_record_by_contact_token("nope") is None
+    await service.wipe(created.record.id, WipeReason.DELETED)
+    assert service.kept_record_by_contact_token(token) is None

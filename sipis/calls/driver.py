@@ -50,7 +50,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 import attrs
@@ -128,6 +128,9 @@ DIALOG_LIFETIME = 12 * 3600.0
 #: Deadline for call-ended and message pushes (s).
 ALERT_PUSH_DEADLINE = 30.0
 
+#: Call records finished within this window (s) are written together, in one transaction.
+RECORD_BATCH_DELAY = 1.0
+
 #: How often expired messages and old call records are purged (s).
 PURGE_INTERVAL = 300.0
 
@@ -149,7 +152,7 @@ class DriverStore(Protocol):
 
     async def drop_message(self, message_id: str) -> bool: ...
 
-    async def add_call_record(self, rec: CallRecord) -> None: ...
+    async def add_call_records(self, records: Sequence[CallRecord]) -> None: ...
 
     async def call_records(self, instance_id: str, *, limit: int = 500) -> list[CallRecord]: ...
 
@@ -168,6 +171,8 @@ class DriverService(Protocol):
     def policy(self) -> DriverPolicy: ...
 
     def device_ha1_cached(self, instance_id: str, algorithm: str) -> str | None: ...
+
+    def kept_record_by_contact_token(self, token: str) -> InstanceRecord | None: ...
 
     async def touch(self, instance_id: str) -> InstanceRecord: ...
 
@@ -305,6 +310,8 @@ class CallDriver:
         self._is_ours: Callable[[URI], bool] = lambda uri: False
         self._delivering: set[str] = set()  # instances whose held messages are being sent
         self._draining = False  # stopping: new calls are refused, calls in progress go on
+        self._unsaved_records: list[CallRecord] = []
+        self._records_due = trio.Event()
         self.outcomes: collections.Counter[str] = collections.Counter()
 
     def __repr__(self) -> str:
@@ -329,6 +336,7 @@ class CallDriver:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._purge_forever)
+            nursery.start_soon(self._write_records)
             task_status.started()
             try:
                 async for flow in closed:
@@ -363,6 +371,27 @@ class CallDriver:
         while self.busy:
             await trio.sleep(poll)
 
+    async def _write_records(self) -> None:
+        """The call-record writer: batches off the call path; what is left is written,
+        shielded, when the driver stops."""
+        try:
+            while True:
+                await self._records_due.wait()
+                await trio.sleep(RECORD_BATCH_DELAY)
+                await self.flush_records()
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(5.0):
+                await self.flush_records()
+
+    async def flush_records(self) -> None:
+        """Write the queued call records now."""
+        batch, self._unsaved_records = self._unsaved_records, []
+        self._records_due = trio.Event()
+        try:
+            await self._store.add_call_records(batch)
+        except StoreError:
+            log.exception("%d call records not kept", len(batch))
+
     async def _purge_forever(self) -> None:
         while True:
             await self.purge()
@@ -391,6 +420,7 @@ class CallDriver:
 
     async def call_records(self, instance_id: str) -> list[CallRecord]:
         """``GET /v1/instances/{id}/calls``: newest first, within the retention."""
+        await self.flush_records()  # calls that ended a moment ago are shown too
         cutoff = self._clock() - self.settings.call_record_retention
         return [r for r in await self._store.call_records(instance_id) if r.ended_at >= cutoff]
 
@@ -463,6 +493,10 @@ class CallDriver:
         token = request.uri.user
         if not token:
             return _respond(request, 404)
+        if self._service is not None:  # the hot path: no store read when the keeper has it
+            kept = self._service.kept_record_by_contact_token(token)
+            if kept is not None:
+                return kept
         try:
             return await self._store.get_by_contact_token(token)
         except NotFound:
@@ -762,20 +796,17 @@ class CallDriver:
                     self.outcomes[outcome.value] += 1
                     log.info("call instance=%s call=%s outcome=%s", _short(call.record.id),
                              call.ref, outcome.value)
-                    call.outer.start_soon(self._record_call, call, outcome.value)
+                    self._record_call(call, outcome.value)
 
-    async def _record_call(self, call: _Call, outcome: str) -> None:
+    def _record_call(self, call: _Call, outcome: str) -> None:
+        """Queue the call's record for the writer (no store write on the call's path)."""
         from_ = call.request.from_
-        record = CallRecord(
+        self._unsaved_records.append(CallRecord(
             instance_id=call.record.id, call=call.ref, sip_call_id=call.request.call_id,
             from_uri=str(from_.uri), from_name=from_.display_name,
             to_uri=str(call.request.to.uri), started_at=call.started_at,
-            ended_at=self._clock(), outcome=outcome)
-        try:
-            await self._store.add_call_record(record)
-        except StoreError:
-            log.exception("instance=%s call=%s record not kept", _short(call.record.id),
-                          call.ref)
+            ended_at=self._clock(), outcome=outcome))
+        self._records_due.set()
 
     def _start_timer(self, call: _Call, name: str, deadline: float) -> None:
         old = call.timers.pop(name, None)

@@ -7,6 +7,7 @@ with ``attrs.evolve`` and write them back with ``replace``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from sipis.store.errors import Conflict, NotFound, StoreError
@@ -47,6 +48,12 @@ class Store(Protocol):
     async def set_registration(self, instance_id: str, status: RegistrationStatus) -> None:
         """Replace only the registration status. Raises NotFound."""
 
+    async def set_registrations(
+        self, items: Sequence[tuple[str, RegistrationStatus]],
+    ) -> int:
+        """Replace many statuses at once (one transaction); unknown ids are skipped. Returns
+        how many were stored."""
+
     async def delete(self, instance_id: str) -> bool:
         """Wipe the instance so that no copy of its credentials stays; False if it was absent."""
 
@@ -63,8 +70,8 @@ class Store(Protocol):
     async def drop_message(self, message_id: str) -> bool:
         """Forget a message for good (delivered); False if it was not held."""
 
-    async def add_call_record(self, rec: CallRecord) -> None:
-        """Record a finished call (dropped if the instance is gone)."""
+    async def add_call_records(self, records: Sequence[CallRecord]) -> None:
+        """Record finished calls (those of instances that are gone are dropped)."""
 
     async def call_records(self, instance_id: str, *, limit: int = 500) -> list[CallRecord]:
         """The instance's call records, newest first."""

@@ -8,6 +8,8 @@ the device realm and HA1s included, comes back as stored. For convenience it is 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import attrs
 import trio
 
@@ -82,6 +84,18 @@ class MemoryStore:
             raise NotFound("no such instance")
         self._by_id[instance_id] = attrs.evolve(old, registration=status)
 
+    async def set_registrations(
+        self, items: Sequence[tuple[str, RegistrationStatus]],
+    ) -> int:
+        await self._enter()
+        stored = 0
+        for instance_id, status in items:
+            old = self._by_id.get(instance_id)
+            if old is not None:
+                self._by_id[instance_id] = attrs.evolve(old, registration=status)
+                stored += 1
+        return stored
+
     async def delete(self, instance_id: str) -> bool:
         await self._enter()
         old = self._by_id.pop(instance_id, None)
@@ -111,10 +125,11 @@ class MemoryStore:
         await self._enter()
         return self._messages.pop(message_id, None) is not None
 
-    async def add_call_record(self, rec: CallRecord) -> None:
+    async def add_call_records(self, records: Sequence[CallRecord]) -> None:
         await self._enter()
-        if rec.instance_id in self._by_id:
-            self._records[(rec.instance_id, rec.call)] = rec
+        for rec in records:
+            if rec.instance_id in self._by_id:
+                self._records[(rec.instance_id, rec.call)] = rec
 
     async def call_records(self, instance_id: str, *, limit: int = 500) -> list[CallRecord]:
         await self._enter()

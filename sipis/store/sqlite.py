@@ -43,7 +43,7 @@ import logging
 import os
 import sqlite3
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
@@ -322,6 +322,18 @@ class SqliteStore:
 
         await self._run(op)
 
+    async def set_registrations(
+        self, items: Sequence[tuple[str, RegistrationStatus]],
+    ) -> int:
+        """Replace many registration statuses in one transaction (one fsync for all: the
+        keeper writes them in batches). Unknown ids are skipped; returns how many matched."""
+        def op(conn: sqlite3.Connection) -> int:
+            with _transaction(conn):
+                return sum(conn.execute(_SET_REG, {"id": instance_id, **_reg_params(status)})
+                           .rowcount for instance_id, status in items)
+
+        return await self._run(op) if items else 0
+
     async def delete(self, instance_id: str) -> bool:
         """Wipe an instance: when this returns, none of its bytes are left in the db files.
 
@@ -435,20 +447,22 @@ class SqliteStore:
         return await self._delete_scrubbed(
             "DELETE FROM messages WHERE id = ?", message_id, name="drop_message")
 
-    async def add_call_record(self, rec: CallRecord) -> None:
-        """Record a finished call. A record for a vanished instance is dropped silently (the
-        instance was wiped while the call ended: nothing of it may be kept)."""
+    async def add_call_records(self, records: Sequence[CallRecord]) -> None:
+        """Record finished calls, in one transaction (the driver batches them). A record for
+        a vanished instance is dropped silently (the instance was wiped while the call ended:
+        nothing of it may be kept)."""
         def op(conn: sqlite3.Connection) -> None:
             with _transaction(conn):
-                conn.execute(
+                conn.executemany(
                     "INSERT OR REPLACE INTO call_records (instance_id, call, sip_call_id,"
                     " from_uri, from_name, to_uri, started_at, ended_at, outcome)"
                     " SELECT :instance_id, :call, :sip_call_id, :from_uri, :from_name, :to_uri,"
                     " :started_at, :ended_at, :outcome WHERE EXISTS"
                     " (SELECT 1 FROM instances WHERE id = :instance_id)",
-                    attrs.asdict(rec))
+                    [attrs.asdict(rec) for rec in records])
 
-        await self._run(op)
+        if records:
+            await self._run(op)
 
     async def call_records(self, instance_id: str, *, limit: int = 500) -> list[CallRecord]:
         """The instance's call records, newest first, at most ``limit``."""

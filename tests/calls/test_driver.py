@@ -62,6 +62,9 @@ class FakeService:
     def device_ha1_cached(self, instance_id: str, algorithm: str) -> str | None:
         return self.ha1.get(algorithm) if instance_id == RECORD.id else None
 
+    def kept_record_by_contact_token(self, token: str) -> InstanceRecord | None:
+        return None  # the driver falls back to the store
+
     async def touch(self, instance_id: str) -> InstanceRecord:
         self.touched.append(instance_id)
         return RECORD

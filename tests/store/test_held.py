@@ -82,8 +82,8 @@ async def test_call_records_newest_first_limited_and_not_kept_for_unknown_instan
     await store.insert(rec)
     outcomes = ["answered", "missed", "cancelled", "answered-elsewhere", "declined"]
     for n, outcome in enumerate(outcomes):
-        await store.add_call_record(make_call(rec.id, n, outcome=outcome))
-    await store.add_call_record(make_call("gone", 9))
+        await store.add_call_records([make_call(rec.id, n, outcome=outcome)])
+    await store.add_call_records([make_call("gone", 9)])
     got = await store.call_records(rec.id)
     assert [r.outcome for r in got] == outcomes[::-1]
     assert got[0] == make_call(rec.id, 4, outcome="declined")
@@ -98,8 +98,8 @@ async def test_purge_drops_expired_messages_and_old_records_only(store: Store) -
     new = make_message(rec.id, 1, retention=3600)
     for msg in (old, new):
         await store.hold_message(msg, max_per_instance=10)
-    await store.add_call_record(make_call(rec.id, 0, ended_at=T0))
-    await store.add_call_record(make_call(rec.id, 1, ended_at=T0 + 1000))
+    await store.add_call_records([make_call(rec.id, 0, ended_at=T0)])
+    await store.add_call_records([make_call(rec.id, 1, ended_at=T0 + 1000)])
     dropped = await store.purge(now=T0 + 120, records_ended_before=T0 + 500)
     assert dropped == (1, 1)
     assert await store.held_messages(rec.id) == [new]
@@ -112,7 +112,7 @@ async def test_wiping_an_instance_takes_its_messages_and_records(store: Store) -
     for rec in (a, b):
         await store.insert(rec)
         await store.hold_message(make_message(rec.id), max_per_instance=10)
-        await store.add_call_record(make_call(rec.id))
+        await store.add_call_records([make_call(rec.id)])
     await store.delete(a.id)
     assert await store.held_messages(a.id) == []
     assert await store.call_records(a.id) == []
