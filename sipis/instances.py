@@ -204,6 +204,10 @@ class InstancePolicy:
         return int(min(max(wanted, 1.0), cap))
 
 
+#: The sweeper yields to other tasks after this many instances.
+SWEEP_SLICE = 2000
+
+
 def allowed(value: str, patterns: Sequence[str]) -> bool:
     """Allow-list match: ``*`` any, ``*.example.com`` a subdomain, else exact (any case)."""
     value = value.lower()
@@ -280,16 +284,18 @@ class InstanceService:
         """Wipe every instance past its lifetime or unregistered past the max age."""
         now = self._clock()
         wiped = 0
-        for instance_id, (expires_at, created_at) in list(self._expiry.items()):
+        max_age = self.policy.not_registered_max_age
+        for n, (instance_id, (expires_at, created_at)) in enumerate(list(self._expiry.items())):
+            if n % SWEEP_SLICE == SWEEP_SLICE - 1:
+                await trio.lowlevel.checkpoint()  # 100k instances: never hold the loop long
             reason = None
             if expires_at <= now:
                 reason = WipeReason.EXPIRED
-            elif instance_id not in self._handed_to_app:
-                status = self._keeper.status(instance_id)
-                last_ok = status.last_registered_at if status else None
+            elif instance_id not in self._handed_to_app and now - created_at >= max_age:
+                kept = self._keeper.registered_since(instance_id)
+                registered, last_ok = kept if kept is not None else (False, None)
                 since = last_ok if last_ok is not None else created_at
-                registered = status is not None and status.state == "registered"
-                if not registered and now - since >= self.policy.not_registered_max_age:
+                if not registered and now - since >= max_age:
                     reason = WipeReason.NOT_REGISTERED
             if reason is not None:
                 if await self.wipe(instance_id, reason):

@@ -47,6 +47,9 @@ class FakeKeeper:
     def status(self, instance_id: str) -> RegistrationStatus | None:
         return None
 
+    def registered_since(self, instance_id: str) -> tuple[bool, float | None] | None:
+        return None
+
     def record(self, instance_id: str) -> InstanceRecord | None:
         return self.records.get(instance_id) if instance_id in self.kept else None
 

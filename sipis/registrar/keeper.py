@@ -296,6 +296,17 @@ class RegistrationKeeper:
                           b.last_registered_at)
         )
 
+    def registered_since(self, instance_id: str) -> tuple[bool, float | None] | None:
+        """(registered now?, wall time of the last success) without building a status: the
+        sweeper asks this of every instance. None if not kept."""
+        entry = self._entries.get(instance_id)
+        if entry is None:
+            return None
+        b = entry.binding
+        last = b.last_registered_at
+        return (b.state is RegState.REGISTERED,
+                None if last is None else last + self._wall_offset)
+
     def is_kept(self, instance_id: str) -> bool:
         return instance_id in self._entries
 

@@ -332,3 +332,22 @@ async def test_queued_statuses_are_written_when_the_keeper_stops(
         assert "inst000001" not in store.statuses
         nursery.cancel_scope.cancel()
     assert store.statuses["inst000001"].state == "registered"
+
+
+async def test_registered_since_tells_the_sweeper_state_and_last_success_cheaply(
+        autojump_clock: trio.testing.MockClock) -> None:
+    registrar = FakeRegistrar(grant=3600)
+    store = FakeStatusStore()
+    async with trio.open_nursery() as nursery:
+        keeper = await start_keeper(nursery, registrar, store)
+        assert keeper.registered_since("inst000001") is None
+        store.known.add("inst000001")
+        keeper.adopt(record(1))
+        with trio.fail_after(5):
+            while "tok1" not in registrar.bindings:
+                await trio.sleep(0.01)
+        answer = keeper.registered_since("inst000001")
+        status = keeper.status("inst000001")
+        assert answer is not None and status is not None
+        assert answer == (True, status.last_registered_at)
+        nursery.cancel_scope.cancel()
