@@ -102,6 +102,8 @@ def throughput(*, scale: int, smoke: bool, workdir: Path, rate: float = 4000.0,
         try:
             daemon.start()
             c0, n0, t0 = daemon.cpu(), prov.stat(USERS), time.monotonic()
+            if smoke:  # 100 registrations may finish within one CPU-clock tick of the start:
+                c0, n0 = 0.0, 0  # count from the process start (start-up included)
             wait_count(prov, USERS, n, timeout=60 + 4 * n / rate * 2, interval=0.2)
             sipis_cpu, sipis_wall = daemon.cpu() - c0, time.monotonic() - t0
             sipis_regs = n - n0
