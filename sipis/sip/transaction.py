@@ -48,7 +48,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Mapping
 from collections.abc import Set as AbstractSet
-from typing import TypeAlias, TypeVar
+from typing import Generic, TypeAlias, TypeVar
 
 import attrs
 
@@ -299,6 +299,63 @@ class _Timers:
         return False
 
 
+class _Transaction(Generic[_StateT, _InputT]):
+    """What the four machines share: identity, state, outcome, armed timers, one table step.
+
+    Subclasses give their tables and states to ``__init__`` and may override ``_release`` to
+    drop the messages they keep for retransmission once they terminate.
+    """
+
+    _kind = "transaction"  # names the machine in TransactionUsageError messages
+
+    def __init__(
+        self, *, branch: str, reliable: bool, timers: TimerConfig, initial: _StateT,
+        terminated: _StateT, transitions: Mapping[tuple[_StateT, _InputT], _StateT],
+        ignored: AbstractSet[tuple[_StateT, _InputT]],
+    ) -> None:
+        self.branch = branch
+        self.reliable = reliable
+        self.timers = timers
+        self._state = initial
+        self._terminated_state = terminated
+        self._transitions = transitions
+        self._ignored = ignored
+        self._outcome: TxOutcome | None = None
+        self._armed = _Timers()
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(branch={self.branch!r}, "
+                f"state={self._state.name}, reliable={self.reliable})")
+
+    @property
+    def state(self) -> _StateT:
+        """The current state."""
+        return self._state
+
+    @property
+    def outcome(self) -> TxOutcome | None:
+        """How it ended, once TERMINATED; None before."""
+        return self._outcome
+
+    def _step(self, inp: _InputT) -> _StateT | None:
+        """Apply ``inp``: the previous state, or None if it is ignored (no change)."""
+        new = _next_state(self._state, inp, self._transitions, self._ignored,
+                          f"{self._kind} {self.branch!r}")
+        if new is None:
+            return None
+        old, self._state = self._state, new
+        return old
+
+    def _release(self) -> None:
+        """Forget what was kept for retransmissions (at termination)."""
+
+    def _terminate(self, outcome: TxOutcome) -> list[Action]:
+        self._state = self._terminated_state
+        self._outcome = outcome
+        self._release()
+        return [*self._armed.stop_all(), Terminated(outcome)]
+
+
 # --- client ---------------------------------------------------------------------------------
 
 
@@ -309,7 +366,7 @@ _CLIENT_TIMERS: dict[str, TxInput] = {
 }
 
 
-class NonInviteClientTransaction:
+class NonInviteClientTransaction(_Transaction[TxState, TxInput]):
     """RFC 3261 §17.1.2 non-INVITE client transaction (see the module rules).
 
     Args:
@@ -319,43 +376,14 @@ class NonInviteClientTransaction:
         timers: T1/T2/T4.
     """
 
+    _kind = "client transaction"
+
     def __init__(self, *, branch: str, data: bytes, reliable: bool, timers: TimerConfig) -> None:
-        self.branch = branch
+        super().__init__(branch=branch, reliable=reliable, timers=timers, initial=TxState.IDLE,
+                         terminated=TxState.TERMINATED, transitions=TRANSITIONS,
+                         ignored=IGNORED)
         self.data = data
-        self.reliable = reliable
-        self.timers = timers
-        self._state = TxState.IDLE
-        self._outcome: TxOutcome | None = None
-        self._armed = _Timers()
         self._e_interval = timers.t1
-
-    def __repr__(self) -> str:
-        return (f"NonInviteClientTransaction(branch={self.branch!r}, "
-                f"state={self._state.name}, reliable={self.reliable})")
-
-    @property
-    def state(self) -> TxState:
-        """The current state."""
-        return self._state
-
-    @property
-    def outcome(self) -> TxOutcome | None:
-        """How it ended, once TERMINATED; None before."""
-        return self._outcome
-
-    def _step(self, inp: TxInput) -> TxState | None:
-        """Apply ``inp``: the previous state, or None if it is ignored (no change)."""
-        new = _next_state(self._state, inp, TRANSITIONS, IGNORED,
-                          f"client transaction {self.branch!r}")
-        if new is None:
-            return None
-        old, self._state = self._state, new
-        return old
-
-    def _terminate(self, outcome: TxOutcome) -> list[Action]:
-        self._state = TxState.TERMINATED
-        self._outcome = outcome
-        return [*self._armed.stop_all(), Terminated(outcome)]
 
     def start(self, now: float) -> list[Action]:
         """Send the request and arm the timers.
@@ -433,7 +461,7 @@ class NonInviteClientTransaction:
 # --- server ---------------------------------------------------------------------------------
 
 
-class ServerNonInviteTransaction:
+class ServerNonInviteTransaction(_Transaction[TxState, ServerTxInput]):
     """RFC 3261 §17.2.2 non-INVITE server transaction (see the module rules).
 
     Created in TRYING when the request arrives; the driver passes that request to the TU
@@ -445,43 +473,16 @@ class ServerNonInviteTransaction:
         timers: T1 is used for Timer J.
     """
 
+    _kind = "server transaction"
+
     def __init__(self, *, branch: str, reliable: bool, timers: TimerConfig) -> None:
-        self.branch = branch
-        self.reliable = reliable
-        self.timers = timers
-        self._state = TxState.TRYING
-        self._outcome: TxOutcome | None = None
-        self._armed = _Timers()
+        super().__init__(branch=branch, reliable=reliable, timers=timers,
+                         initial=TxState.TRYING, terminated=TxState.TERMINATED,
+                         transitions=SERVER_TRANSITIONS, ignored=SERVER_IGNORED)
         self._last_response: bytes | None = None
 
-    def __repr__(self) -> str:
-        return (f"ServerNonInviteTransaction(branch={self.branch!r}, "
-                f"state={self._state.name}, reliable={self.reliable})")
-
-    @property
-    def state(self) -> TxState:
-        """The current state."""
-        return self._state
-
-    @property
-    def outcome(self) -> TxOutcome | None:
-        """How it ended, once TERMINATED; None before."""
-        return self._outcome
-
-    def _step(self, inp: ServerTxInput) -> TxState | None:
-        """Apply ``inp``: the previous state, or None if it is ignored (no change)."""
-        new = _next_state(self._state, inp, SERVER_TRANSITIONS, SERVER_IGNORED,
-                          f"server transaction {self.branch!r}")
-        if new is None:
-            return None
-        old, self._state = self._state, new
-        return old
-
-    def _terminate(self, outcome: TxOutcome) -> list[Action]:
-        self._state = TxState.TERMINATED
-        self._outcome = outcome
+    def _release(self) -> None:
         self._last_response = None
-        return [*self._armed.stop_all(), Terminated(outcome)]
 
     def receive_request(self, now: float) -> list[Action]:
         """A retransmission of the request arrived: resend the last response, if any."""
@@ -728,7 +729,7 @@ def _check_status(status: int) -> int:
     return status
 
 
-class ClientInviteTransaction:
+class ClientInviteTransaction(_Transaction[InviteTxState, InviteClientInput]):
     """RFC 3261 §17.1.1 INVITE client transaction with RFC 6026's ACCEPTED state.
 
     See the INVITE rules above. Used by the call layer to forward an INVITE to a device.
@@ -742,6 +743,8 @@ class ClientInviteTransaction:
             with the response object given to ``receive_response``.
     """
 
+    _kind = "INVITE client transaction"
+
     def __init__(
         self,
         *,
@@ -751,30 +754,13 @@ class ClientInviteTransaction:
         timers: TimerConfig,
         make_ack: Callable[[object], bytes],
     ) -> None:
-        self.branch = branch
+        super().__init__(branch=branch, reliable=reliable, timers=timers,
+                         initial=InviteTxState.IDLE, terminated=InviteTxState.TERMINATED,
+                         transitions=INVITE_CLIENT_TRANSITIONS, ignored=INVITE_CLIENT_IGNORED)
         self.data = data
-        self.reliable = reliable
-        self.timers = timers
         self._make_ack = make_ack
-        self._state = InviteTxState.IDLE
-        self._outcome: TxOutcome | None = None
-        self._armed = _Timers()
         self._a_interval = timers.t1
         self._ack: bytes | None = None
-
-    def __repr__(self) -> str:
-        return (f"ClientInviteTransaction(branch={self.branch!r}, "
-                f"state={self._state.name}, reliable={self.reliable})")
-
-    @property
-    def state(self) -> InviteTxState:
-        """The current state."""
-        return self._state
-
-    @property
-    def outcome(self) -> TxOutcome | None:
-        """How it ended, once TERMINATED; None before."""
-        return self._outcome
 
     @property
     def cancel_allowed(self) -> bool:
@@ -785,20 +771,8 @@ class ClientInviteTransaction:
         """
         return self._state is InviteTxState.PROCEEDING
 
-    def _step(self, inp: InviteClientInput) -> InviteTxState | None:
-        """Apply ``inp``: the previous state, or None if it is ignored (no change)."""
-        new = _next_state(self._state, inp, INVITE_CLIENT_TRANSITIONS, INVITE_CLIENT_IGNORED,
-                          f"INVITE client transaction {self.branch!r}")
-        if new is None:
-            return None
-        old, self._state = self._state, new
-        return old
-
-    def _terminate(self, outcome: TxOutcome) -> list[Action]:
-        self._state = InviteTxState.TERMINATED
-        self._outcome = outcome
+    def _release(self) -> None:
         self._ack = None
-        return [*self._armed.stop_all(), Terminated(outcome)]
 
     def start(self, now: float) -> list[Action]:
         """Send the INVITE and arm Timer A (unreliable only) and Timer B.
@@ -887,7 +861,7 @@ class ClientInviteTransaction:
         return self._terminate(TxOutcome.TRANSPORT_ERROR)
 
 
-class ServerInviteTransaction:
+class ServerInviteTransaction(_Transaction[InviteTxState, InviteServerInput]):
     """RFC 3261 §17.2.1 INVITE server transaction with RFC 6026's ACCEPTED state.
 
     Created in PROCEEDING when the INVITE arrives; the driver hands that INVITE to the TU
@@ -900,45 +874,18 @@ class ServerInviteTransaction:
         timers: T1 (G, H, L), T2 (cap of G), T4 (I).
     """
 
+    _kind = "INVITE server transaction"
+
     def __init__(self, *, branch: str, reliable: bool, timers: TimerConfig) -> None:
-        self.branch = branch
-        self.reliable = reliable
-        self.timers = timers
-        self._state = InviteTxState.PROCEEDING
-        self._outcome: TxOutcome | None = None
-        self._armed = _Timers()
+        super().__init__(branch=branch, reliable=reliable, timers=timers,
+                         initial=InviteTxState.PROCEEDING, terminated=InviteTxState.TERMINATED,
+                         transitions=INVITE_SERVER_TRANSITIONS, ignored=INVITE_SERVER_IGNORED)
         self._last_provisional: bytes | None = None
         self._final: bytes | None = None
         self._g_interval = timers.t1
 
-    def __repr__(self) -> str:
-        return (f"ServerInviteTransaction(branch={self.branch!r}, "
-                f"state={self._state.name}, reliable={self.reliable})")
-
-    @property
-    def state(self) -> InviteTxState:
-        """The current state."""
-        return self._state
-
-    @property
-    def outcome(self) -> TxOutcome | None:
-        """How it ended, once TERMINATED; None before."""
-        return self._outcome
-
-    def _step(self, inp: InviteServerInput) -> InviteTxState | None:
-        """Apply ``inp``: the previous state, or None if it is ignored (no change)."""
-        new = _next_state(self._state, inp, INVITE_SERVER_TRANSITIONS, INVITE_SERVER_IGNORED,
-                          f"INVITE server transaction {self.branch!r}")
-        if new is None:
-            return None
-        old, self._state = self._state, new
-        return old
-
-    def _terminate(self, outcome: TxOutcome) -> list[Action]:
-        self._state = InviteTxState.TERMINATED
-        self._outcome = outcome
+    def _release(self) -> None:
         self._last_provisional = self._final = None
-        return [*self._armed.stop_all(), Terminated(outcome)]
 
     def receive_request(self, now: float) -> list[Action]:
         """A retransmitted INVITE: the last provisional (PROCEEDING) or the final (COMPLETED)
