@@ -86,6 +86,14 @@ def _canonical_algorithm(name: str) -> str | None:
     return _CANONICAL.get(name.upper()) if name.isascii() else None
 
 
+def _supported_algorithm(name: str) -> str:
+    """The canonical name of a supported algorithm; DigestError for any other."""
+    canonical = _canonical_algorithm(name)
+    if canonical is None:
+        raise DigestError(f"unsupported digest algorithm {excerpt(name)}")
+    return canonical
+
+
 def _base_hash(algorithm: str) -> str:
     return _HASHES[algorithm.removesuffix("-sess")]
 
@@ -329,9 +337,7 @@ def make_challenge(
     Raises:
         DigestError: an unsupported algorithm or a value that cannot be quoted safely.
     """
-    canonical = _canonical_algorithm(algorithm)
-    if canonical is None:
-        raise DigestError(f"unsupported digest algorithm {excerpt(algorithm)}")
+    canonical = _supported_algorithm(algorithm)
     if canonical.endswith("-sess") and not qop:
         raise DigestError(f"{canonical} needs qop")
     parts = [f"realm={_quote(realm, 'realm')}", f"nonce={_quote(nonce, 'nonce')}"]
@@ -374,9 +380,7 @@ def compute_response(
     Raises:
         DigestError: unsupported algorithm or qop, or a missing nc/cnonce.
     """
-    canonical = _canonical_algorithm(algorithm)
-    if canonical is None:
-        raise DigestError(f"unsupported digest algorithm {excerpt(algorithm)}")
+    canonical = _supported_algorithm(algorithm)
     return compute_response_from_ha1(
         algorithm=canonical,
         ha1=compute_ha1(canonical, username, realm, password),
@@ -392,9 +396,7 @@ def compute_ha1(algorithm: str, username: str, realm: str, password: str) -> str
     Raises:
         DigestError: unsupported algorithm.
     """
-    canonical = _canonical_algorithm(algorithm)
-    if canonical is None:
-        raise DigestError(f"unsupported digest algorithm {excerpt(algorithm)}")
+    canonical = _supported_algorithm(algorithm)
     return _h(canonical, f"{username}:{realm}:{password}")
 
 
@@ -415,9 +417,7 @@ def compute_response_from_ha1(
     Raises:
         DigestError: unsupported algorithm or qop, or a missing nc/cnonce.
     """
-    canonical = _canonical_algorithm(algorithm)
-    if canonical is None:
-        raise DigestError(f"unsupported digest algorithm {excerpt(algorithm)}")
+    canonical = _supported_algorithm(algorithm)
     if qop is not None and qop not in _KNOWN_QOPS:
         raise DigestError(f"unsupported qop {excerpt(qop)}")
     if qop is not None and (nc is None or cnonce is None):
