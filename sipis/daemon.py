@@ -20,7 +20,6 @@ import ipaddress
 import logging
 import signal
 import ssl
-import time
 from pathlib import Path
 
 import attrs
@@ -35,20 +34,12 @@ from sipis.api.tls import ensure_self_signed, ssl_context_for
 from sipis.calls.call import CallConfig
 from sipis.calls.driver import CallDriver, DriverSettings
 from sipis.config import ApnsConfig, Config, ConfigError, FcmConfig, load_config
-from sipis.instances import DomainLifetime, InstancePolicy, InstanceService, WipeReason
+from sipis.instances import DomainLifetime, InstancePolicy, InstanceService
 from sipis.logs import quiet_header_loggers, setup_logging
 from sipis.metrics import Metrics
 from sipis.notify import Notifier
 from sipis.push.apns import ApnsClient, ApnsSettings
-from sipis.push.base import (
-    InvalidToken,
-    PushClient,
-    PushConfigError,
-    PushError,
-    PushKind,
-    PushRequest,
-    PushTarget,
-)
+from sipis.push.base import PushClient, PushConfigError
 from sipis.push.dispatcher import PushDispatcher
 from sipis.push.fcm import FcmClient, FcmSettings
 from sipis.push.logsink import LogPushClient
@@ -59,7 +50,6 @@ from sipis.sip.endpoint import EndpointConfig, ListenSpec, SipEndpoint
 from sipis.sip.transaction import TimerConfig
 from sipis.store.crypto import KeyRing
 from sipis.store.errors import StoreError
-from sipis.store.models import InstanceRecord
 from sipis.store.sqlite import SqliteStore
 
 log = logging.getLogger(__name__)
@@ -248,7 +238,6 @@ class Daemon:
     _hurry: trio.Event = attrs.Factory(trio.Event)  # a second SIGTERM: skip the grace period
     _outer: trio.Nursery | None = None  # holds the push clients' connections (SIGHUP swaps)
     _local_hosts: frozenset[str] = frozenset()
-    _expiry_push_limit: trio.CapacityLimiter = attrs.Factory(lambda: trio.CapacityLimiter(50))
 
     def request_stop(self) -> None:
         """Stop gracefully (SIGTERM); asked again while stopping, stop at once."""
@@ -346,7 +335,7 @@ class Daemon:
         )
         calls.attach(endpoint=endpoint, service=service)
         service.wipe_listeners.append(calls.forget_instance)
-        service.expiry_push = self._expiry_push
+        service.expiry_push = calls.instance_expiring
         service.wipe_listeners.append(self.metrics.instance_wiped)
         self.metrics.watch(instances=service.counts_by_state, calls=lambda: calls.outcomes)
         await nursery.start(calls.run)
@@ -377,32 +366,6 @@ class Daemon:
         await nursery.start(self.control.serve, DaemonAdmin(
             service=service, store=self.store, keeper=keeper,
             key_file=Path(config.store.key_file)))
-
-    async def _expiry_push(self, record: InstanceRecord) -> None:
-        """The sweeper's ``instance-expiring`` push, sent in the background (the sweep does
-        not wait for APNs/FCM); a dead token wipes the instance as any push would."""
-        assert self._outer is not None and self.push is not None
-        push = self.push
-        request = PushRequest(
-            kind=PushKind.INSTANCE_EXPIRING,
-            target=PushTarget(provider=record.push_provider, token=record.push_token,
-                              app=record.app, environment=record.push_environment),
-            instance=record.id, to_uri=record.aor, sent_at=int(time.time()))
-
-        async def send() -> None:
-            async with self._expiry_push_limit:
-                try:
-                    await push.send(request, deadline=trio.current_time() + 60.0)
-                except InvalidToken as exc:
-                    if self.service is not None:
-                        log.info("instance=%s push token refused (%s): wiping",
-                                 record.id[:8], exc.reason)
-                        await self.service.wipe(record.id, WipeReason.TOKEN_INVALID)
-                except PushError as exc:
-                    log.info("instance=%s instance-expiring push failed: %s", record.id[:8],
-                             exc.reason)
-
-        self._outer.start_soon(send)
 
     async def status_line(self) -> str:
         """systemd's STATUS=: stored instances and how many are registered upstream."""

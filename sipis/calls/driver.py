@@ -125,8 +125,11 @@ MAX_DIALOGS = 10_000
 #: How long a dialog is remembered without a BYE (s).
 DIALOG_LIFETIME = 12 * 3600.0
 
-#: Deadline for call-ended and message pushes (s).
+#: Deadline for call-ended, message and instance-expiring pushes (s).
 ALERT_PUSH_DEADLINE = 30.0
+
+#: instance-expiring pushes in flight at once.
+EXPIRY_PUSHES_AT_ONCE = 50
 
 #: Call records finished within this window (s) are written together, in one transaction.
 RECORD_BATCH_DELAY = 1.0
@@ -259,6 +262,11 @@ class _Call:
             self.events.send_nowait(event)
 
 
+def _push_target(record: InstanceRecord) -> PushTarget:
+    return PushTarget(provider=record.push_provider, token=record.push_token, app=record.app,
+                      environment=record.push_environment)
+
+
 def _short(value: str) -> str:
     return value[:8]
 
@@ -310,6 +318,7 @@ class CallDriver:
         self._is_ours: Callable[[URI], bool] = lambda uri: False
         self._delivering: set[str] = set()  # instances whose held messages are being sent
         self._draining = False  # stopping: new calls are refused, calls in progress go on
+        self._expiry_pushes = trio.CapacityLimiter(EXPIRY_PUSHES_AT_ONCE)
         self._unsaved_records: list[CallRecord] = []
         self._records_due = trio.Event()
         self.outcomes: collections.Counter[str] = collections.Counter()
@@ -658,9 +667,29 @@ class CallDriver:
         log.info("instance=%s held MESSAGE delivered → %s", _short(msg.instance_id), status)
         return True
 
+    async def instance_expiring(self, record: InstanceRecord) -> None:
+        """The sweeper's ``instance-expiring`` alert push (SPEC.md "Lifetime"), sent in the
+        background: the sweep does not wait for APNs/FCM. At most EXPIRY_PUSHES_AT_ONCE are
+        in flight (a mass expiry would otherwise open thousands of streams at once)."""
+        push = PushRequest(kind=PushKind.INSTANCE_EXPIRING, target=_push_target(record),
+                           instance=record.id, to_uri=record.aor, sent_at=int(self._clock()))
+
+        async def send() -> None:
+            async with self._expiry_pushes:
+                await self._alert_push(push, record.id)
+
+        if self._nursery is not None:
+            self._nursery.start_soon(send)
+        else:
+            await send()
+
     async def _alert_push(self, push: PushRequest, instance_id: str) -> None:
+        """An alert push (call-ended, message, instance-expiring); a dead token wipes the
+        instance, as for a call push."""
         try:
             await self._push.send(push, deadline=trio.current_time() + ALERT_PUSH_DEADLINE)
+        except InvalidToken as exc:
+            await self._wipe(instance_id, exc.reason)
         except PushError as exc:
             log.info("instance=%s %s push failed: %s", _short(instance_id), push.kind.value,
                      exc.reason)
@@ -671,8 +700,7 @@ class CallDriver:
         from_ = request.from_
         return PushRequest(
             kind=kind,
-            target=PushTarget(provider=record.push_provider, token=record.push_token,
-                              app=record.app, environment=record.push_environment),
+            target=_push_target(record),
             instance=record.id,
             call=call,
             from_uri=str(from_.uri),

@@ -461,3 +461,23 @@ async def test_message_body_goes_into_the_push_only_where_configured() -> None:
     assert response is not None and response.status == 200
     [sent] = push.sent
     assert sent.kind is PushKind.MESSAGE and sent.body == "Lunch at noon?"
+
+
+class DeadTokenPush(FakePush):
+    """Every push is refused: the token is dead (APNs 410 / FCM UNREGISTERED)."""
+
+    async def send(self, request: PushRequest, *, deadline: float) -> PushResult:
+        self.sent.append(request)
+        raise InvalidToken("Unregistered")
+
+
+async def test_a_dead_token_on_an_alert_push_wipes_the_instance_too() -> None:
+    """Not only call pushes: a message or instance-expiring push refused for a dead token
+    wipes the instance through the one wipe path."""
+    d, service, _, push = driver(push=DeadTokenPush())
+    response = await d.handle_request(message(), CALLER)
+    assert response is not None and response.status == 200
+    await d.instance_expiring(RECORD)
+    assert [p.kind for p in push.sent] == [PushKind.MESSAGE, PushKind.INSTANCE_EXPIRING]
+    assert push.sent[1].to_uri == RECORD.aor and push.sent[1].target.token == RECORD.push_token
+    assert service.wiped == [(RECORD.id, "push-token-invalid")] * 2
