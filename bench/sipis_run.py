@@ -196,20 +196,26 @@ def _install_gc_stats(path: str) -> None:
 
     spent = [0.0, 0.0, 0.0]
     runs = [0, 0, 0]
+    full: list[tuple[float, float, int]] = []  # (process CPU at start, CPU taken, collected)
     started = [0.0]
 
     def callback(phase: str, info: dict[str, int]) -> None:
         if phase == "start":
             started[0] = time.process_time()
         else:
-            spent[info["generation"]] += time.process_time() - started[0]
+            took = time.process_time() - started[0]
+            spent[info["generation"]] += took
             runs[info["generation"]] += 1
+            if info["generation"] == 2:
+                full.append((started[0], took, info.get("collected", 0)))
 
     def dump() -> None:
         with open(path, "w") as out:
             for gen in range(3):
                 out.write(f"gen{gen}: {runs[gen]} collections, {spent[gen]:.2f} CPU-s\n")
             out.write(f"process CPU {time.process_time():.2f} s, objects {len(gc.get_objects())}\n")
+            for at, took, collected in full:
+                out.write(f"  full collection at CPU {at:.2f} s: {took:.3f} s, {collected} freed\n")
 
     gc.callbacks.append(callback)
     atexit.register(dump)
@@ -250,7 +256,69 @@ def _install_experiments(spec: str) -> None:
         service.sweep = sweep
 
 
+def _install_step_counter(path: str) -> None:
+    """Count trio task steps (wake-ups) per coroutine; written to ``path`` at exit: how many
+    scheduler passes a unit of work costs."""
+    import atexit
+    import collections
+
+    import trio
+
+    steps: collections.Counter[str] = collections.Counter()
+
+    class Steps(trio.abc.Instrument):
+        def before_task_step(self, task: Any) -> None:
+            code = getattr(task.coro, "cr_code", None)
+            steps[code.co_qualname if code is not None else task.name] += 1
+
+    original_run = trio.run
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        kwargs["instruments"] = (*kwargs.get("instruments", ()), Steps())
+        return original_run(*args, **kwargs)
+
+    trio.run = run
+
+    def dump() -> None:
+        with open(path, "w") as out:
+            out.write(f"total {sum(steps.values())}\n")
+            for name, count in steps.most_common(40):
+                out.write(f"{count:10d}  {name}\n")
+            with open(f"/proc/self/task/{os.getpid()}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            main = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            out.write(f"main thread {main:.2f} CPU-s of {time.process_time():.2f}\n")
+
+    atexit.register(dump)
+
+
+def _install_garbage_census(path: str) -> None:
+    """Keep what the cyclic collector frees (``gc.DEBUG_SAVEALL``) and write its types to
+    ``path`` at exit: what creates reference cycles, i.e. work for the collector."""
+    import atexit
+    import collections
+    import gc
+
+    gc.set_debug(gc.DEBUG_SAVEALL)
+
+    def dump() -> None:
+        gc.collect()
+        kinds = collections.Counter(type(o).__qualname__ for o in gc.garbage)
+        with open(path, "w") as out:
+            out.write(f"{len(gc.garbage)} objects in cycles\n")
+            for name, count in kinds.most_common(40):
+                out.write(f"{count:10d}  {name}\n")
+
+    atexit.register(dump)
+
+
 def main() -> int:
+    garbage = os.environ.get("SIPIS_BENCH_GARBAGE")
+    if garbage:
+        _install_garbage_census(garbage)
+    steps = os.environ.get("SIPIS_BENCH_STEPS")
+    if steps:
+        _install_step_counter(steps)
     experiments = os.environ.get("SIPIS_BENCH_TRY")
     if experiments:
         _install_experiments(experiments)

@@ -58,6 +58,10 @@ log = logging.getLogger(__name__)
 #: What an empty ``sip.upstream_allow`` means (config and README: "empty = anywhere").
 ANYWHERE = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
 
+#: Cyclic collector thresholds once the store is loaded (Python's default: 700, 10, 10):
+#: a young collection per 50,000 container allocations instead of 700.
+GC_THRESHOLDS = (50_000, 20, 20)
+
 
 def upstream_networks(config: Config) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     """``sip.upstream_allow`` for the endpoint, which reads an empty list as "nowhere"."""
@@ -345,6 +349,10 @@ class Daemon:
         # collection (measured: 14 % of the CPU per REGISTER at 100k instances).
         gc.collect()
         gc.freeze()
+        # The SIP paths create no reference cycles (tested), so the collector finds next to
+        # nothing; at Python's default thresholds its full collections, walking every binding
+        # state that changed since the freeze, still took ~9 % of a REGISTER's CPU.
+        gc.set_threshold(*GC_THRESHOLDS)
         await nursery.start(service.run_sweeper, lambda: self.config.lifetime.sweep_interval)
         tls = config.api.tls
         cert_file, key_file = tls.cert_file, tls.key_file

@@ -34,7 +34,7 @@ import functools
 import logging
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Final
+from typing import Any, Final
 
 import trio
 from prometheus_client import (
@@ -165,6 +165,7 @@ class Metrics:
             "sipis_register_transactions", "Upstream REGISTER transactions by result "
             "(SIP status or class, timeout, transport-error, resolve-error).",
             ["result"], registry=reg)
+        self._register_results: dict[str, Any] = {}  # result → its child counter
         self.register_duration = Histogram(
             "sipis_register_duration_seconds",
             "Time from sending an upstream REGISTER (RFC 3263 lookup included) to its final "
@@ -220,7 +221,10 @@ class Metrics:
 
     def register_done(self, result: str, seconds: float | None) -> None:
         """An upstream REGISTER transaction ended; ``seconds`` is None when nothing answered."""
-        self.register_transactions.labels(result).inc()
+        child = self._register_results.get(result)
+        if child is None:  # a bounded set of results (``register_result``)
+            child = self._register_results[result] = self.register_transactions.labels(result)
+        child.inc()
         if seconds is not None:
             self.register_duration.observe(seconds)
 

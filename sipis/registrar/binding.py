@@ -30,7 +30,7 @@ import attrs
 
 from sipis.sip.digest import Challenge, DigestClient, choose_challenge, parse_challenge
 from sipis.sip.errors import DigestError, SipParseError
-from sipis.sip.headers import URI, Address, CSeq
+from sipis.sip.headers import URI, Address
 from sipis.sip.message import Headers, SipRequest, SipResponse, new_call_id, new_tag
 
 #: How many 423s in a row we follow before treating the registrar as broken.
@@ -156,7 +156,10 @@ class Binding:
         self.failures = 0
         self._auth_failures = 0
         self._authenticated_attempt = False  # the last REGISTER carried credentials
-        self._last_challenge_header: tuple[str, str] | None = None
+        # The challenge the next REGISTER answers (kept parsed: a refresh reuses it).
+        self._last_challenge: Challenge | None = None
+        # The header lines every REGISTER of this binding shares, built once per params.
+        self._template: tuple[BindingParams, str, Headers, str] | None = None
         self._retries_423 = 0
         self._in_flight = False
         self._inflight_unregister = False
@@ -174,7 +177,7 @@ class Binding:
         """Begin (or resume after ``unregister``): send the first REGISTER now."""
         self._unregistering = False
         self._authenticated_attempt = False
-        self._last_challenge_header = None
+        self._last_challenge = None
         return self._send(now, RegState.REGISTERING)
 
     def on_timer(self, now: float) -> list[Action]:
@@ -273,23 +276,34 @@ class Binding:
         self._outcome_sent = True
         return [outcome]
 
+    def _shared_lines(self) -> tuple[Headers, str]:
+        """The lines every REGISTER of this binding carries, and the registrar URI's text:
+        formatted once, again only when the params or the User-Agent change."""
+        p = self.params
+        template = self._template
+        if (template is None or template[0] is not p
+                or template[1] is not self.policy.user_agent):
+            headers = Headers()
+            headers.add("Max-Forwards", MAX_FORWARDS)
+            headers.add("From", str(Address(uri=p.aor).with_tag(self.from_tag)))
+            headers.add("To", str(Address(uri=p.aor)))
+            headers.add("Call-ID", self.call_id)
+            headers.add("Contact", str(p.contact))
+            headers.add("Supported", "path")
+            headers.add("User-Agent", self.policy.user_agent)
+            template = (p, self.policy.user_agent, headers, str(p.registrar))
+            self._template = template
+        return template[2], template[3]
+
     def _build(self, authorization: tuple[str, str] | None) -> SipRequest:
         self._cseq += 1
-        p = self.params
         expires = 0 if self._unregistering else self._expires
-        headers = Headers()
-        headers.add("Max-Forwards", MAX_FORWARDS)
-        headers.add("From", str(Address(uri=p.aor).with_tag(self.from_tag)))
-        headers.add("To", str(Address(uri=p.aor)))
-        headers.add("Call-ID", self.call_id)
-        headers.add("CSeq", str(CSeq(self._cseq, "REGISTER")))
-        headers.add("Contact", str(p.contact))
+        headers = self._shared_lines()[0].copy()
+        headers.add("CSeq", f"{self._cseq} REGISTER")
         headers.add("Expires", str(expires))
-        headers.add("Supported", "path")
-        headers.add("User-Agent", self.policy.user_agent)
         if authorization is not None:
             headers.add(*authorization)
-        return SipRequest(method="REGISTER", uri=p.registrar, headers=headers)
+        return SipRequest(method="REGISTER", uri=self.params.registrar, headers=headers)
 
     def _send(self, now: float, state: RegState) -> list[Action]:
         authorization = self._reauthorize()
@@ -306,32 +320,26 @@ class Binding:
 
     def _reauthorize(self) -> tuple[str, str] | None:
         """Credentials for the next REGISTER from the last challenge (nc counts up)."""
-        if self._last_challenge_header is None:
-            return None
-        name, value = self._last_challenge_header
-        try:
-            challenge = parse_challenge(value, proxy=name == "Proxy-Authenticate")
-        except DigestError:
+        challenge = self._last_challenge
+        if challenge is None:
             return None
         header = "Proxy-Authorization" if challenge.proxy else "Authorization"
         return header, self._digest.authorize(
-            challenge, method="REGISTER", uri=str(self.params.registrar)
+            challenge, method="REGISTER", uri=self._shared_lines()[1]
         )
 
     def _remember_challenge(self, response: SipResponse) -> Challenge:
         """Keep the best challenge of a 401/407 for the next REGISTER; DigestError if none."""
         proxy = response.status == 407
         header = "Proxy-Authenticate" if proxy else "WWW-Authenticate"
-        values = response.headers.get_all(header)
         challenges = []
-        for value in values:
+        for value in response.headers.get_all(header):
             try:
-                challenges.append((value, parse_challenge(value, proxy=proxy)))
+                challenges.append(parse_challenge(value, proxy=proxy))
             except DigestError:
                 continue  # another challenge of the same response may be usable
-        challenge = choose_challenge(c for _, c in challenges)
-        chosen = next(v for v, c in challenges if c == challenge)
-        self._last_challenge_header = (header, chosen)
+        challenge = choose_challenge(challenges)
+        self._last_challenge = challenge
         return challenge
 
     def _challenged(self, response: SipResponse, now: float) -> list[Action]:
@@ -372,6 +380,8 @@ class Binding:
     def _granted_expires(self, response: SipResponse) -> int:
         ours = self.params.contact.uri
         for value in response.headers.get_list("Contact"):
+            if ours.user and ours.user not in value and "%" not in value:
+                continue  # not ours: spare parsing every other binding of the AOR
             try:
                 address = Address.parse(value)
             except SipParseError:
@@ -406,13 +416,13 @@ class Binding:
             self.last_error = reason
             self.granted_expires = None
             self.next_attempt_at = now + self.policy.backoff_cap
-            self._last_challenge_header = None
+            self._last_challenge = None
             return [
                 self._status(),
                 Schedule(self.next_attempt_at),
                 *self._outcome(rejected),
             ]
-        self._last_challenge_header = None
+        self._last_challenge = None
         return self._backoff(now, reason, status=status)
 
     def _backoff(
@@ -427,7 +437,7 @@ class Binding:
         self.last_error = reason
         self.state = RegState.BACKOFF
         self.granted_expires = None
-        self._last_challenge_header = None
+        self._last_challenge = None
         delay = backoff_delay(self.failures, self.policy, self._rng.random)
         self.next_attempt_at = now + delay
         return [

@@ -461,7 +461,8 @@ class RegistrationKeeper:
             return []  # the send reports it
         for target in targets:
             if target.transport in self.config.transports:
-                entry.binding.set_contact(self._contact(entry.record, target.transport))
+                if target.transport != entry.binding.params.contact.uri.transport:
+                    entry.binding.set_contact(self._contact(entry.record, target.transport))
                 break
         return [targets]
 

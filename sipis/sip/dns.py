@@ -27,6 +27,7 @@ Rules (RFC 3263 §4.1, §4.2; RFC 2782):
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import random
@@ -154,11 +155,16 @@ def order_srv(
 
 
 def _ip_literal(host: str) -> bool:
+    return _normal_ip(host) is not None
+
+
+@functools.lru_cache(maxsize=1024)
+def _normal_ip(host: str) -> str | None:
+    """The canonical text of an IP literal, None for a name (cached: asked per REGISTER)."""
     try:
-        ipaddress.ip_address(host)
+        return str(ipaddress.ip_address(host))
     except ValueError:
-        return False
-    return True
+        return None
 
 
 class _Timeout(Exception):
@@ -223,11 +229,12 @@ class SipResolver:
         """
         if uri.scheme not in ("sip", "sips") or not uri.host:
             raise ResolveError(f"cannot resolve a {uri.scheme}: URI")
-        host = uri.host.rstrip(".") if not _ip_literal(uri.host) else uri.host
-        if _ip_literal(host):
+        host = uri.host if _ip_literal(uri.host) else uri.host.rstrip(".")
+        address = _normal_ip(host)
+        if address is not None:
             transport = default_transport(uri)
             port = uri.port if uri.port is not None else DEFAULT_PORTS[transport]
-            return [Target(transport, str(ipaddress.ip_address(host)), port, None)]
+            return [Target(transport, address, port, None)]
         if self._resolver is None:
             raise ResolveError(self._config_error or "no DNS configuration")
         try:

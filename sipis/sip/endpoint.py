@@ -72,7 +72,8 @@ import heapq
 import ipaddress
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -146,9 +147,6 @@ _MAGIC_COOKIE = "z9hG4bK"
 
 #: Max-Forwards we add to a request that has none (RFC 3261 §8.1.1.6).
 DEFAULT_MAX_FORWARDS = "70"
-
-#: Transport events waiting for the dispatcher; beyond that the transports wait.
-EVENT_QUEUE = 1000
 
 #: Closed-flow notices kept per subscriber that has not read them yet.
 FLOW_EVENT_BUFFER = 256
@@ -270,9 +268,22 @@ _ClientInput = SipResponse | _TransportFailure | _Wake
 
 @attrs.define(eq=False)
 class _ClientTx:
+    """A client transaction as the dispatcher sees it: where it sends, and who hears of
+    its responses and failures (a channel to an INVITE's task, or a non-INVITE machine)."""
+
     dest: Destination
-    inbox: trio.MemorySendChannel[_ClientInput]
+    deliver: Callable[[_ClientInput], None]
     flow: FlowKey | None = None
+
+
+def _channel_delivery(send: trio.MemorySendChannel[_ClientInput]
+                      ) -> Callable[[_ClientInput], None]:
+    def deliver(item: _ClientInput) -> None:
+        # Dropped on a flood of retransmissions, or when the transaction just ended.
+        with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError,
+                                 trio.ClosedResourceError):
+            send.send_nowait(item)
+    return deliver
 
 
 @attrs.define(eq=False)
@@ -283,10 +294,13 @@ class _ServerTx:
     dest: Destination
     tx: ServerNonInviteTransaction | ServerInviteTransaction
     timers: dict[str, float] = attrs.field(factory=dict)
+    wake_at: float | None = None  # deadline of its live entry in the endpoint's timer heap
     handle: ServerInviteHandle | None = None
 
 
-def _allowed(host: str, networks: Sequence[IPNetwork]) -> bool:
+@lru_cache(maxsize=1024)
+def _allowed(host: str, networks: tuple[IPNetwork, ...]) -> bool:
+    """Whether ``host`` (an IP literal) is in ``networks`` (cached: asked per request)."""
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
@@ -369,9 +383,14 @@ class SipEndpoint:
         self._nursery: trio.Nursery | None = None
         self._client: dict[tuple[str, str], _ClientTx] = {}
         self._server: dict[tuple[str, str, str], _ServerTx] = {}
-        self._timers: list[tuple[float, int, _ServerTx, str]] = []
+        # Timers of server transactions and task-less client ones, in one heap served by
+        # one task: one entry per transaction, at its earliest timer (``wake_at``); an entry
+        # whose deadline is no longer its owner's ``wake_at`` is stale and skipped.
+        self._timers: list[tuple[float, int, _ServerTx | _NonInviteClient]] = []
         self._timer_seq = 0
         self._timer_wakeup = trio.Event()
+        self._timer_next = math.inf  # what the timer loop sleeps until
+        self._via_parts: dict[str, tuple[str, str]] = {}  # transport → our Via around the branch
         self._subscribers: list[trio.MemorySendChannel[FlowKey]] = []
         self._handlers_running = 0
         self._invites_running = 0
@@ -387,13 +406,12 @@ class SipEndpoint:
         Raises:
             TransportError: a listener cannot be bound.
         """
-        send, receive = trio.open_memory_channel[TransportEvent](EVENT_QUEUE)
         started = False
+        self._via_parts.clear()
         try:
             async with trio.open_nursery() as nursery:
-                await nursery.start(self._transport.run, send)
+                await nursery.start(self._transport.run, _Dispatcher(self))
                 self._nursery = nursery
-                nursery.start_soon(self._dispatch_loop, receive)
                 nursery.start_soon(self._timer_loop)
                 task_status.started()
                 started = True
@@ -497,7 +515,12 @@ class SipEndpoint:
     ) -> SipRequest:
         """A copy of ``request`` with our Via on top and a Max-Forwards."""
         headers = _without_top_via(request.headers) if replace_top_via else request.headers.copy()
-        headers.prepend("Via", str(self._via(transport, branch)))
+        parts = self._via_parts.get(transport)
+        if parts is None:
+            # Our Via differs per transaction by its branch only: format it once.
+            before, _, after = str(self._via(transport, "\0")).partition("\0")
+            parts = self._via_parts[transport] = (before, after)
+        headers.prepend("Via", f"{parts[0]}{branch}{parts[1]}")
         if "Max-Forwards" not in headers:
             headers.add("Max-Forwards", DEFAULT_MAX_FORWARDS)
         return SipRequest(request.method, request.uri, headers, request.body)
@@ -559,58 +582,67 @@ class SipEndpoint:
     async def _run_non_invite(
         self, outgoing: SipRequest, branch: str, dest: Destination
     ) -> tuple[SipResponse, FlowKey | None]:
-        """One non-INVITE client transaction to one destination (RFC 3261 §17.1.2)."""
+        """One non-INVITE client transaction to one destination (RFC 3261 §17.1.2).
+
+        The transaction runs without this task (``_NonInviteClient``): the task only sleeps
+        until its end is reported. Cancelling the wait abandons the transaction.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        task = trio.lowlevel.current_task()
+        ended: list[tuple[SipResponse, FlowKey | None] | SipError] = []
+        parked = False
+
+        def done(result: tuple[SipResponse, FlowKey | None] | SipError) -> None:
+            ended.append(result)
+            if parked:
+                trio.lowlevel.reschedule(task)
+
+        client = self._start_non_invite(outgoing, branch, dest, done)
+        if ended:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        else:
+            parked = True
+
+            def abort(_: object) -> trio.lowlevel.Abort:
+                client.abandon()
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            await trio.lowlevel.wait_task_rescheduled(abort)
+        result = ended[0]
+        if isinstance(result, SipError):
+            raise result
+        return result
+
+    def _start_non_invite(
+        self, outgoing: SipRequest, branch: str, dest: Destination,
+        done: Callable[[tuple[SipResponse, FlowKey | None] | SipError], None],
+    ) -> _NonInviteClient:
         tx = NonInviteClientTransaction(
             branch=branch, data=outgoing.to_bytes(), reliable=dest.transport != "udp",
             timers=self.config.timers)
-        send, inbox = trio.open_memory_channel[_ClientInput](_CLIENT_INBOX)
-        record = _ClientTx(dest, send, dest.flow)
-        key = (branch, outgoing.method)
-        self._client[key] = record
-        timers: dict[str, float] = {}
-        failure = "transport error"
+        client = _NonInviteClient(self, (branch, outgoing.method), tx, dest, done)
+        self._client[client.key] = client.record
+        client.start(trio.current_time())
+        return client
+
+    def _client_send_now(self, client: _NonInviteClient, data: bytes) -> str | None:
+        """Send for a task-less client: at once if the transport can (UDP), else in a task of
+        ours whose failure is fed back to the machine. The failure text, or None."""
+        record = client.record
         try:
-            actions: collections.deque[Action] = collections.deque(tx.start(trio.current_time()))
-            final: SipResponse | None = None
-            while True:
-                while actions:
-                    action = actions.popleft()
-                    if isinstance(action, Send):
-                        error = await self._client_send(record, action.data)
-                        if error is not None:
-                            failure = error
-                            actions.extend(tx.transport_error(trio.current_time()))
-                    elif isinstance(action, StartTimer):
-                        timers[action.name] = action.deadline
-                    elif isinstance(action, StopTimer):
-                        timers.pop(action.name, None)
-                    elif isinstance(action, Deliver):
-                        response = action.response
-                        if isinstance(response, SipResponse) and response.status >= 200:
-                            final = response
-                    elif isinstance(action, Terminated):
-                        if action.outcome is TxOutcome.TIMEOUT:
-                            raise TransactionTimeout(
-                                f"no final response from {dest.transport} "
-                                f"{dest.host}:{dest.port} (Timer F)")
-                        if action.outcome is TxOutcome.TRANSPORT_ERROR:
-                            raise TransportError(failure, flow=record.flow)
-                if final is not None:
-                    # Timer K (UDP) would only absorb retransmissions of this final; an
-                    # unmatched response is dropped anyway, so the caller need not wait.
-                    return final, record.flow
-                item = await self._next_client_input(inbox, min(timers.values(), default=math.inf))
-                now = trio.current_time()
-                if isinstance(item, SipResponse):
-                    actions.extend(tx.receive_response(item.status, item, now))
-                elif isinstance(item, _TransportFailure):
-                    failure = item.reason
-                    actions.extend(tx.transport_error(now))
-                elif item is None:
-                    actions.extend(_fire_due(timers, now, tx.timer_fired))
-        finally:
-            self._client.pop(key, None)
-            send.close()
+            if self._transport.send_nowait(data, record.dest):
+                return None
+            nursery = self._check_running()
+        except TransportError as exc:
+            record.flow = record.flow or _flow_of(exc)
+            return str(exc)
+        nursery.start_soon(self._client_send_later, client, data)
+        return None
+
+    async def _client_send_later(self, client: _NonInviteClient, data: bytes) -> None:
+        error = await self._client_send(client.record, data)
+        if error is not None:
+            client.feed(_TransportFailure(error, client.record.flow))
 
     async def _client_send(self, record: _ClientTx, data: bytes) -> str | None:
         """Send on a client transaction's way; the failure text, or None once sent."""
@@ -684,7 +716,7 @@ class SipEndpoint:
             branch=branch, data=outgoing.to_bytes(), reliable=dest.transport != "udp",
             timers=self.config.timers, make_ack=make_ack)
         send, inbox = trio.open_memory_channel[_ClientInput](_CLIENT_INBOX)
-        record = _ClientTx(dest, send, dest.flow)
+        record = _ClientTx(dest, _channel_delivery(send), dest.flow)
         handle = ClientInviteHandle(outgoing, branch, dest, tx, record)
         self._client[(branch, "INVITE")] = record
         nursery.start_soon(self._run_invite, handle, tx, record, inbox)
@@ -752,7 +784,7 @@ class SipEndpoint:
                         return
         finally:
             self._client.pop((handle.branch, "INVITE"), None)
-            record.inbox.close()
+            inbox.close()
             if error is None and tx.state is not InviteTxState.TERMINATED:
                 error = TransportError("the SIP endpoint stopped")
             handle._finish(error)
@@ -797,18 +829,10 @@ class SipEndpoint:
 
     # -- dispatch --
 
-    async def _dispatch_loop(self, receive: trio.MemoryReceiveChannel[TransportEvent]) -> None:
-        async with receive:
-            async for event in receive:
-                try:
-                    self._dispatch(event)
-                except Exception:  # a bug on one message must not stop the endpoint
-                    log.exception("dispatching %s failed", type(event).__name__)
-
     def _dispatch(self, event: TransportEvent) -> None:
         if isinstance(event, MessageReceived):
             if isinstance(event.message, SipResponse):
-                self._response_received(event.message)
+                self._response_received(event.message, event.source)
             else:
                 self._request_received(event.message, event.source)
         elif isinstance(event, FlowClosed):
@@ -822,21 +846,22 @@ class SipEndpoint:
                         f"{event.transport} {event.host}:{event.port} unreachable: "
                         f"{event.reason}", None))
 
-    def _response_received(self, response: SipResponse) -> None:
+    def _response_received(self, response: SipResponse, source: Source) -> None:
         via = response.top_via
         record = self._client.get((via.branch or "", response.cseq.method))
         if record is None:
             self._responses_unmatched += 1
             log.debug("dropped a %d response matching no transaction", response.status)
             return
+        if record.flow is None and source.flow is not None:
+            # Answered over a stream before our send of the request returned (it runs in a
+            # task of its own): the flow it used is the one the answer came on.
+            record.flow = source.flow
         self._notify(record, response)
 
     @staticmethod
     def _notify(record: _ClientTx, item: _ClientInput) -> None:
-        # Dropped on a flood of retransmissions, or when the transaction just ended.
-        with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError,
-                                 trio.ClosedResourceError):
-            record.inbox.send_nowait(item)
+        record.deliver(item)
 
     def _flow_closed(self, event: FlowClosed) -> None:
         for record in list(self._client.values()):
@@ -1097,6 +1122,7 @@ class SipEndpoint:
 
     def _forget(self, record: _ServerTx, outcome: TxOutcome | None) -> None:
         record.timers.clear()
+        record.wake_at = None
         if self._server.get(record.key) is record:
             del self._server[record.key]
         if record.handle is not None:
@@ -1104,40 +1130,214 @@ class SipEndpoint:
 
     # -- server timers --
 
-    def _arm(self, record: _ServerTx, name: str, deadline: float) -> None:
+    def _arm(self, record: _ServerTx | _NonInviteClient, name: str, deadline: float) -> None:
         record.timers[name] = deadline
+        self._wake_at(record, deadline)
+
+    def _wake_at(self, record: _ServerTx | _NonInviteClient, deadline: float) -> None:
+        """Make sure the timer loop looks at ``record`` by ``deadline``. A transaction keeps
+        one heap entry, for its earliest timer: a UDP client arms E and F, and F (32 s) is
+        nearly always stale by then; a heap of them all cost more than the transactions."""
+        if record.wake_at is not None and record.wake_at <= deadline:
+            return
+        record.wake_at = deadline
         self._timer_seq += 1
-        heapq.heappush(self._timers, (deadline, self._timer_seq, record, name))
-        self._timer_wakeup.set()
+        heapq.heappush(self._timers, (deadline, self._timer_seq, record))
+        if deadline < self._timer_next:
+            self._timer_wakeup.set()
 
     async def _timer_loop(self) -> None:
-        """Fire the server transactions' timers (G, H, I, J, L) and clean-up deadlines."""
+        """Fire the transactions' timers (server G, H, I, J, L and clean-up deadlines; client
+        E, F, K of task-less non-INVITE transactions)."""
+        timers = self._timers
         while True:
-            deadline = self._timers[0][0] if self._timers else math.inf
-            with trio.move_on_at(deadline):
+            # Stale entries on top are dropped first, so the loop sleeps until a live one:
+            # most client entries are stale by then (the answer came), and waking for each
+            # would cost a scheduler pass per transaction.
+            while timers and timers[0][2].wake_at != timers[0][0]:
+                heapq.heappop(timers)
+            self._timer_next = timers[0][0] if timers else math.inf
+            with trio.move_on_at(self._timer_next):
                 await self._timer_wakeup.wait()
             self._timer_wakeup = trio.Event()
             now = trio.current_time()
-            while self._timers and self._timers[0][0] <= now:
-                when, _, record, name = heapq.heappop(self._timers)
-                if record.timers.get(name) != when:
-                    continue  # stopped, rescheduled, or the transaction is gone
-                del record.timers[name]
-                if name == _CLEANUP:
-                    self._forget(record, None)
-                    continue
+            while timers and timers[0][0] <= now:
+                when, _, owner = heapq.heappop(timers)
+                if owner.wake_at != when:
+                    continue  # stale: the transaction is gone or wants an earlier wake-up
+                owner.wake_at = None
+                self._fire_timers(owner, now)
+                if owner.timers:  # the next timer of this transaction
+                    self._wake_at(owner, min(owner.timers.values()))
+
+    def _fire_timers(self, owner: _ServerTx | _NonInviteClient, now: float) -> None:
+        """Fire the transaction's timers due at ``now``, earliest first (one may stop or
+        start another)."""
+        while owner.timers:
+            name, when = min(owner.timers.items(), key=_deadline)
+            if when > now:
+                return
+            del owner.timers[name]
+            if isinstance(owner, _NonInviteClient):
                 try:
-                    datas = self._apply(record, record.tx.timer_fired(name, now))
+                    owner.timer_fired(name, now)
                 except Exception:  # a machine bug must not stop every other timer
-                    log.exception("server timer %s failed", name)
-                    continue
-                self._spawn_transmit(record, datas)
+                    log.exception("client timer %s failed", name)
+                    return
+                continue
+            if name == _CLEANUP:
+                self._forget(owner, None)
+                return
+            try:
+                datas = self._apply(owner, owner.tx.timer_fired(name, now))
+            except Exception:  # a machine bug must not stop every other timer
+                log.exception("server timer %s failed", name)
+                return
+            self._spawn_transmit(owner, datas)
+
+
+def _deadline(item: tuple[str, float]) -> float:
+    return item[1]
 
 
 def _busy(request: SipRequest) -> SipResponse:
     busy = make_response(request, 503, to_tag=new_tag())
     busy.headers.add("Retry-After", "5")
     return busy
+
+
+class _NonInviteClient:
+    """One non-INVITE client transaction driven without a task (RFC 3261 §17.1.2).
+
+    The endpoint feeds it responses and transport failures from the receive path and its
+    timers from the timer loop; it sends through ``SipEndpoint._client_send_now`` and reports
+    its end once through ``done``: the final response and flow, or a ``TransactionTimeout`` /
+    ``TransportError``. A task, a channel and a cancel scope per transaction cost more than
+    the transaction itself when thousands of REGISTERs a second go out.
+    """
+
+    __slots__ = ("_done", "_endpoint", "_failure", "_pending", "_running", "finished", "key",
+                 "record", "timers", "tx", "wake_at")
+
+    def __init__(
+        self, endpoint: SipEndpoint, key: tuple[str, str], tx: NonInviteClientTransaction,
+        dest: Destination, done: Callable[[tuple[SipResponse, FlowKey | None] | SipError], None],
+    ) -> None:
+        self._endpoint = endpoint
+        self.key = key
+        self.tx = tx
+        self.record = _ClientTx(dest, self.feed, dest.flow)
+        self._done = done
+        self.timers: dict[str, float] = {}
+        self.wake_at: float | None = None  # see SipEndpoint._wake_at
+        self.finished = False
+        self._failure = "transport error"
+        self._pending: collections.deque[_ClientInput] = collections.deque()
+        self._running = False  # inside _run: input that arrives now waits its turn
+
+    def start(self, now: float) -> None:
+        self._run(self.tx.start(now))
+
+    def feed(self, item: _ClientInput) -> None:
+        """A response or transport failure for this transaction (a ``_WAKE`` is ignored)."""
+        if self.finished:
+            return
+        if self._running:  # e.g. an ICMP error reported while we were sending
+            self._pending.append(item)
+            return
+        self._run(self._input(item))
+
+    def timer_fired(self, name: str, now: float) -> None:
+        if not self.finished:
+            self._run(self.tx.timer_fired(name, now))
+
+    def abandon(self) -> None:
+        """Nobody waits for the outcome any more (the caller was cancelled): forget it."""
+        self._end()
+
+    def _input(self, item: _ClientInput) -> list[Action]:
+        now = trio.current_time()
+        if isinstance(item, SipResponse):
+            return self.tx.receive_response(item.status, item, now)
+        if isinstance(item, _TransportFailure):
+            self._failure = item.reason
+            return self.tx.transport_error(now)
+        return []
+
+    def _run(self, actions: list[Action]) -> None:
+        self._running = True
+        try:
+            queue = collections.deque(actions)
+            while not self.finished:
+                if not queue:
+                    if not self._pending:
+                        return
+                    queue.extend(self._input(self._pending.popleft()))
+                    continue
+                action = queue.popleft()
+                if isinstance(action, Send):
+                    error = self._endpoint._client_send_now(self, action.data)
+                    if error is not None:
+                        self._failure = error
+                        queue.extend(self.tx.transport_error(trio.current_time()))
+                elif isinstance(action, StartTimer):
+                    self._endpoint._arm(self, action.name, action.deadline)
+                elif isinstance(action, StopTimer):
+                    self.timers.pop(action.name, None)
+                elif isinstance(action, Deliver):
+                    response = action.response
+                    if isinstance(response, SipResponse) and response.status >= 200:
+                        # Timer K (UDP) would only absorb retransmissions of this final; an
+                        # unmatched response is dropped anyway, so nobody need wait for it.
+                        self._finish((response, self.record.flow))
+                elif isinstance(action, Terminated):
+                    dest = self.record.dest
+                    if action.outcome is TxOutcome.TIMEOUT:
+                        self._finish(TransactionTimeout(
+                            f"no final response from {dest.transport} "
+                            f"{dest.host}:{dest.port} (Timer F)"))
+                    elif action.outcome is TxOutcome.TRANSPORT_ERROR:
+                        self._finish(TransportError(self._failure, flow=self.record.flow))
+                    else:
+                        self._finish(TransportError("transaction ended without a response"))
+        finally:
+            self._running = False
+
+    def _end(self) -> None:
+        self.finished = True
+        self.timers.clear()
+        self.wake_at = None
+        self._pending.clear()
+        # The record's ``deliver`` is our bound method: break that cycle, so that the
+        # transaction is freed at once rather than by the cyclic collector.
+        self.record.deliver = _ignore
+        if self._endpoint._client.get(self.key) is self.record:
+            del self._endpoint._client[self.key]
+
+    def _finish(self, result: tuple[SipResponse, FlowKey | None] | SipError) -> None:
+        self._end()
+        self._done(result)
+
+
+def _ignore(item: _ClientInput) -> None:
+    """The ``deliver`` of a finished transaction: what still arrives is dropped."""
+
+
+class _Dispatcher:
+    """The endpoint's ``EventSink``: each transport event is dispatched at once, in the
+    transport's task (dispatching never waits: what waits runs in tasks of its own)."""
+
+    def __init__(self, endpoint: SipEndpoint) -> None:
+        self._endpoint = endpoint
+
+    async def send(self, value: TransportEvent) -> None:
+        self.send_nowait(value)
+
+    def send_nowait(self, value: TransportEvent) -> None:
+        try:
+            self._endpoint._dispatch(value)
+        except Exception:  # a bug on one message must not stop the endpoint
+            log.exception("dispatching %s failed", type(value).__name__)
 
 
 def _fire_due(timers: dict[str, float], now: float, fire: _TimerFire) -> list[Action]:

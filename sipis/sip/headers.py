@@ -229,8 +229,36 @@ def _check_ipv6(host: str, whole: str) -> None:
         raise SipParseError("invalid IPv6 reference", offending=whole) from None
 
 
+# One generic-param with its leading SEMI and SWS: the fast path of _parse_header_params.
+_HEADER_PARAM_RE = re.compile(
+    r"[ \t]*;[ \t]*([A-Za-z0-9\-.!%*_+`'~]+)"
+    r"(?:[ \t]*=[ \t]*(?:([A-Za-z0-9\-.!%*_+`'~:\[\]]+)|(\"(?:[^\"\\]|\\[^\r\n])*\")))?"
+)
+
+
 def _parse_header_params(text: str, pos: int, what: str) -> Params:
-    """Parse ``*( SEMI generic-param )`` from ``text[pos:]`` to its end, allowing SWS."""
+    """Parse ``*( SEMI generic-param )`` from ``text[pos:]`` to its end, allowing SWS.
+
+    Well-formed parameters are taken a whole one per regex match; anything else goes to
+    the character-by-character parser, which says what is wrong.
+    """
+    out: list[tuple[str, str | None]] = []
+    n = len(text)
+    match = _HEADER_PARAM_RE.match
+    start = pos
+    while True:
+        m = match(text, pos)
+        if m is None:
+            break
+        name, token, quoted = m.groups()
+        out.append((name, token if quoted is None else quoted))
+        pos = m.end()
+    if pos == n or not text[pos:].strip(" \t"):
+        return tuple(out)
+    return _parse_header_params_slowly(text, start, what)
+
+
+def _parse_header_params_slowly(text: str, pos: int, what: str) -> Params:
     out: list[tuple[str, str | None]] = []
     n = len(text)
     while True:

@@ -516,28 +516,47 @@ def _parse_headers(lines: list[str]) -> Headers:
     return headers
 
 
+# Lower-case key → canonical name of the headers _validate looks at.
+_CHECKED = {name.lower(): name for name in (*_MANDATORY, *_SINGLE_VALUED)}
+
+
 def _validate(headers: Headers, method: str | None) -> None:
+    # One pass over the lines (this runs for every message received).
+    first: dict[str, str] = {}
+    repeated: list[str] = []
+    vias: list[str] = []
+    for key, _, value in headers._items:
+        if key not in _CHECKED:
+            continue
+        if key == "via":
+            vias.append(value)
+        elif key in first:
+            repeated.append(key)
+        else:
+            first[key] = value
     for name in _MANDATORY:
-        if name not in headers:
+        if (not vias) if name == "Via" else name.lower() not in first:
             raise SipParseError(f"missing {name} header")
     for name in _SINGLE_VALUED:
-        if len(headers.get_all(name)) > 1:
+        if name.lower() in repeated:
             raise SipParseError(f"more than one {name} header")
-    cseq = CSeq.parse(headers.get_all("CSeq")[0])
+    cseq = CSeq.parse(first["cseq"])
     if method is not None and cseq.method != method:
         raise SipParseError("CSeq method does not match the request method",
                             offending=f"{method} / {cseq}")
-    call_id = headers.get_all("Call-ID")[0]
-    if not call_id or any(ch in call_id for ch in " \t"):
+    call_id = first["call-id"]
+    if not call_id or " " in call_id or "\t" in call_id:
         raise SipParseError("invalid Call-ID", offending=call_id)
-    Address.parse(headers.get_all("From")[0])
-    Address.parse(headers.get_all("To")[0])
-    vias = headers.get_list("Via")
-    if not vias:
+    Address.parse(first["from"])
+    Address.parse(first["to"])
+    elements = 0
+    for value in vias:
+        for via in split_header_list(value):
+            Via.parse(via)
+            elements += 1
+    if not elements:
         raise SipParseError("empty Via header")
-    for via in vias:
-        Via.parse(via)
-    max_forwards = headers.get("Max-Forwards")
+    max_forwards = first.get("max-forwards")
     if max_forwards is not None:
         _parse_max_forwards(max_forwards)
 

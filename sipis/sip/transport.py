@@ -77,6 +77,7 @@ __all__ = [
     "PONG_TIMEOUT",
     "TRANSPORTS",
     "Destination",
+    "EventSink",
     "FlowClosed",
     "FlowKey",
     "ListenSpec",
@@ -113,6 +114,9 @@ MAX_INBOUND_CONNECTIONS = 4096
 
 #: Largest UDP datagram we read (bigger ones are truncated by the kernel and fail to parse).
 _DATAGRAM_BUFFER = 65535
+
+#: Datagrams read from one UDP socket per scheduler pass while more are queued.
+_UDP_BATCH = 32
 _RECEIVE_SIZE = 65536
 
 # Linux IP_RECVERR / IPV6_RECVERR (not exported by the socket module).
@@ -226,12 +230,28 @@ class TransportStatistics:
     keepalive_pings_sent: int
 
 
+class EventSink(Protocol):
+    """Where a transport reports its events: a memory channel, or the endpoint's dispatcher
+    called in the transport's own task (no queue and no task switch per message)."""
+
+    async def send(self, value: TransportEvent) -> None:
+        """Report an event; may wait while the receiver is behind."""
+
+    def send_nowait(self, value: TransportEvent) -> None:
+        """Report an event now.
+
+        Raises:
+            trio.WouldBlock: the receiver is behind (the event is dropped).
+            trio.BrokenResourceError / trio.ClosedResourceError: nobody listens any more.
+        """
+
+
 class Transport(Protocol):
     """What the endpoint needs from a transport (network or in-memory)."""
 
     async def run(
         self,
-        events: trio.MemorySendChannel[TransportEvent],
+        events: EventSink,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
@@ -245,6 +265,15 @@ class Transport(Protocol):
 
         Raises:
             TransportError: no socket for it, the connection failed, or the write failed.
+        """
+
+    def send_nowait(self, data: bytes, dest: Destination) -> bool:
+        """Send a UDP datagram now if the socket takes it at once; False means "use
+        ``send``" (a stream destination, or a full socket buffer). Lets a transaction
+        driven without a task send its request and retransmissions.
+
+        Raises:
+            TransportError: as for ``send``.
         """
 
     def close_flow(self, flow: FlowKey) -> None:
@@ -439,7 +468,7 @@ class NetworkTransport:
         self.tls_verify = tls_verify
         # Jitter of keep-alive intervals: spreading load, not security.
         self._rng = rng if rng is not None else random.Random()  # noqa: S311
-        self._events: trio.MemorySendChannel[TransportEvent] | None = None
+        self._events: EventSink | None = None
         self._nursery: trio.Nursery | None = None
         self._udp: list[_UdpSocket] = []
         self._listening: dict[str, tuple[str, int]] = {}
@@ -463,7 +492,7 @@ class NetworkTransport:
 
     async def run(
         self,
-        events: trio.MemorySendChannel[TransportEvent],
+        events: EventSink,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
@@ -557,9 +586,17 @@ class NetworkTransport:
         return family, (str(sockaddr[0]), int(sockaddr[1]))
 
     async def _udp_loop(self, udp: _UdpSocket) -> None:
+        # Datagrams already queued are read straight from the raw socket, up to
+        # _UDP_BATCH of them per scheduler pass: trio's ``recvfrom`` costs a pass per
+        # datagram, a large share of a registration's CPU under load.
+        batch = 0
         while True:
             try:
-                data, address = await udp.sock.recvfrom(_DATAGRAM_BUFFER)
+                data, address = udp.raw.recvfrom(_DATAGRAM_BUFFER)
+            except BlockingIOError:
+                batch = 0
+                await trio.lowlevel.wait_readable(udp.raw)
+                continue
             except OSError as exc:
                 if exc.errno in _ICMP_ERRNOS:
                     self._drain_icmp(udp)
@@ -567,6 +604,10 @@ class NetworkTransport:
                 log.warning("udp %s:%d receive failed: %s", *udp.local, exc)
                 await trio.sleep(0.1)  # do not spin on a persistent error
                 continue
+            batch += 1
+            if batch >= _UDP_BATCH:
+                batch = 0
+                await trio.lowlevel.checkpoint()
             self._counters.datagrams_received += 1
             try:
                 await self._datagram(udp, data, address)
@@ -608,12 +649,22 @@ class NetworkTransport:
         # resolves the address through getaddrinfo on every datagram. Only a full socket
         # buffer waits, through trio.
         await trio.lowlevel.checkpoint_if_cancelled()
+        if not self._try_sendto(udp, data, address):
+            try:
+                await udp.sock.sendto(data, address)
+            except OSError as exc:
+                raise TransportError(
+                    f"udp send to {address[0]}:{address[1]} failed: {exc.strerror}") from exc
+            self._counters.datagrams_sent += 1
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def _try_sendto(self, udp: _UdpSocket, data: bytes, address: tuple[str, int]) -> bool:
+        """Send on the raw socket; False if its buffer is full (nothing sent)."""
         for attempt in range(3):
             try:
-                try:
-                    udp.raw.sendto(data, address)
-                except BlockingIOError:
-                    await udp.sock.sendto(data, address)
+                udp.raw.sendto(data, address)
+            except BlockingIOError:
+                return False
             except OSError as exc:
                 if exc.errno in _ICMP_ERRNOS and attempt < 2:
                     # IP_RECVERR: the kernel reports an ICMP error about an *earlier*
@@ -623,8 +674,14 @@ class NetworkTransport:
                 raise TransportError(
                     f"udp send to {address[0]}:{address[1]} failed: {exc.strerror}") from exc
             self._counters.datagrams_sent += 1
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            return
+            return True
+        return False  # not reached: the third attempt returns or raises
+
+    def send_nowait(self, data: bytes, dest: Destination) -> bool:
+        """See ``Transport.send_nowait``."""
+        if dest.transport != "udp":
+            return False
+        return self._try_sendto(self._udp_for(dest.host), data, (dest.host, dest.port))
 
     def _drain_icmp(self, udp: _UdpSocket) -> None:
         """Read the socket's error queue and report each unreachable destination."""
@@ -958,7 +1015,7 @@ class MemoryTransport:
         self.silent = False
         self.sent: list[tuple[Destination, bytes]] = []
         self.on_send: Callable[[Destination, bytes], None] | None = None
-        self._events: trio.MemorySendChannel[TransportEvent] | None = None
+        self._events: EventSink | None = None
         self._flows: dict[str, FlowKey] = {}  # transport -> our end of the flow to the peer
         self._serial = 0
         self._counters = _Counters()
@@ -980,7 +1037,7 @@ class MemoryTransport:
 
     async def run(
         self,
-        events: trio.MemorySendChannel[TransportEvent],
+        events: EventSink,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
@@ -993,6 +1050,15 @@ class MemoryTransport:
 
     async def send(self, data: bytes, dest: Destination) -> FlowKey | None:
         await trio.lowlevel.checkpoint()
+        return self._send(data, dest)
+
+    def send_nowait(self, data: bytes, dest: Destination) -> bool:
+        if dest.transport != "udp":
+            return False
+        self._send(data, dest)
+        return True
+
+    def _send(self, data: bytes, dest: Destination) -> FlowKey | None:
         self.sent.append((dest, data))
         if self.on_send is not None:
             self.on_send(dest, data)

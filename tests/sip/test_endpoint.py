@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import socket
 from typing import Any
@@ -337,6 +338,52 @@ async def test_requests_work_over_the_memory_transport(
     result = await endpoint.request(register(), [Target("udp", theirs.host, theirs.port)])
     assert result.response.status == 202
     assert endpoint.contact_host_port("udp") == (HOST, ours.port)
+
+
+async def test_a_stream_answer_that_overtakes_the_send_still_names_its_flow(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Over TCP the request is written by a task of its own: when the answer is dispatched
+    before that write returns, the result still names the flow (the keeper watches it)."""
+    ours, theirs = MemoryTransport.pair()
+    endpoint = await start_endpoint(nursery, transport=ours)
+    flow = ours._flow("tcp", theirs)
+
+    def answer_at_once(dest: Destination, data: bytes) -> None:
+        request = parse_message(data)
+        assert isinstance(request, SipRequest)
+        ours._receive(make_response(request, 200).to_bytes(),
+                      Source("tcp", theirs.host, theirs.port, flow))
+
+    ours.on_send = answer_at_once
+    result = await endpoint.request(register(), [Target("tcp", theirs.host, theirs.port)])
+    assert result.response.status == 200
+    assert result.flow == flow
+
+
+async def test_finished_client_transactions_leave_no_reference_cycles(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A non-INVITE client transaction is freed by reference counting once it is over: the
+    daemon runs the cyclic collector rarely, and a cycle per REGISTER made it costly."""
+    ours, theirs = MemoryTransport.pair()
+    endpoint = await start_endpoint(nursery, transport=ours)
+    await start_endpoint(nursery, transport=theirs)
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for n in range(20):
+            result = await endpoint.request(register(f"cycle-{n}"),
+                                            [Target("udp", theirs.host, theirs.port)])
+            assert result.response.status == 200
+        await trio.sleep(64)  # every timer of theirs and ours is over
+        gc.collect()
+        left = [type(o).__name__ for o in gc.garbage
+                if type(o).__module__ == "sipis.sip.endpoint"]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert left == []
 
 
 # --- server transactions -------------------------------------------------------------------
