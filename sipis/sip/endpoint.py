@@ -1,14 +1,17 @@
 """The trio SIP driver: client and server transactions over a ``Transport``, requests to a handler.
 
 Strategy: the transaction machines (``sipis.sip.transaction``) decide; this module carries out
-their actions on trio's clock. A non-INVITE client request runs inline in the caller's task:
-the task sends, sleeps until the next timer or a matching response, feeds the machine, and
-returns the final response or raises. A client INVITE outlives its caller's interest (Timer D
+their actions on trio's clock. A non-INVITE client transaction runs without a task of its own
+(``_NonInviteClient``): it sends at once over UDP, is fed its responses by the receive path and
+its timers by the timer loop, and wakes its caller once, with the final response or the error
+(a task, a channel and a cancel scope per transaction cost more than the transaction itself
+at thousands of REGISTERs a second). A client INVITE outlives its caller's interest (Timer D
 ACKs retransmitted finals, Timer M relays 2xx retransmissions), so it runs in a task of this
 endpoint's nursery and talks to its caller through a ``ClientInviteHandle``. Server
-transactions live in a table; their timers sit in one heap served by one task. Everything the
-transport reports arrives on one channel and is dispatched synchronously; anything that waits
-(a handler, a send) runs in a task of this endpoint's own nursery.
+transactions live in a table; the timers of server and task-less client transactions sit in
+one heap (one entry per transaction) served by one task. Every transport event is dispatched
+at once, in the transport's own task (``_Dispatcher``); anything that waits (a handler, a
+stream send) runs in a task of this endpoint's own nursery.
 
 Rules — sending:
 
