@@ -162,6 +162,12 @@ def _install_sampler(path: str, interval: float = 0.0005) -> None:
             out.write(f"samples {total[0]} (every {interval * 1e3:g} ms of CPU)\n\nself:\n")
             for key, count in own.most_common(60):
                 out.write(f"{100 * count / max(1, total[0]):6.2f}%  {key}\n")
+            by_file: collections.Counter[str] = collections.Counter()
+            for key, count in own.items():
+                by_file[key.rsplit(":", 1)[0]] += count
+            out.write("\nself, by file:\n")
+            for key, count in by_file.most_common(40):
+                out.write(f"{100 * count / max(1, total[0]):6.2f}%  {key}\n")
             out.write("\ninclusive:\n")
             for key, count in inclusive.most_common(120):
                 out.write(f"{100 * count / max(1, total[0]):6.2f}%  {key}\n")

@@ -375,6 +375,8 @@ class SipEndpoint:
     ) -> None:
         self.config = config
         self._handler = handler
+        # Asked once: isinstance() against a runtime-checkable Protocol costs tens of µs.
+        self._invite_handler = handler if isinstance(handler, InviteHandler) else None
         self._transport: Transport = transport if transport is not None else NetworkTransport(
             config.listen,
             keepalive_interval=config.keepalive_interval,
@@ -647,10 +649,16 @@ class SipEndpoint:
         if error is not None:
             client.feed(_TransportFailure(error, client.record.flow))
 
+    async def _send(self, data: bytes, dest: Destination) -> FlowKey | None:
+        """``Transport.send``, without a task switch when the datagram goes at once."""
+        if self._transport.send_nowait(data, dest):
+            return None
+        return await self._transport.send(data, dest)
+
     async def _client_send(self, record: _ClientTx, data: bytes) -> str | None:
         """Send on a client transaction's way; the failure text, or None once sent."""
         try:
-            flow = await self._transport.send(data, record.dest)
+            flow = await self._send(data, record.dest)
         except TransportError as exc:
             record.flow = record.flow or _flow_of(exc)
             return str(exc)
@@ -828,7 +836,7 @@ class SipEndpoint:
         self._check_running()
         if add_via:
             request = self._outgoing(request, dest.transport, new_branch(), False)
-        return await self._transport.send(request.to_bytes(), dest)
+        return await self._send(request.to_bytes(), dest)
 
     # -- dispatch --
 
@@ -942,8 +950,7 @@ class SipEndpoint:
     def _invite_received(
         self, record: _ServerTx, tx: ServerInviteTransaction, nursery: trio.Nursery
     ) -> None:
-        managed = isinstance(self._handler, InviteHandler)
-        handle = ServerInviteHandle(self, record, tx, managed=managed)
+        handle = ServerInviteHandle(self, record, tx, managed=self._invite_handler is not None)
         record.handle = handle
         if self._invites_running >= MAX_CONCURRENT_INVITES:
             log.warning("too many INVITEs in progress; answering 503")
@@ -989,8 +996,9 @@ class SipEndpoint:
         try:
             await handle.send_provisional(handle.make_response(100))
             try:
-                if isinstance(self._handler, InviteHandler):
-                    await self._handler.handle_invite(handle.request, handle.source, handle)
+                if self._invite_handler is not None:
+                    await self._invite_handler.handle_invite(
+                        handle.request, handle.source, handle)
                     if handle.final_status is None:
                         log.warning("INVITE handler returned without a final response")
                         await handle.send_final(handle.make_response(500))
@@ -1060,7 +1068,7 @@ class SipEndpoint:
             TransportError: it could not be sent.
         """
         dest = _reply_destination(response.top_via, to) if isinstance(to, Source) else to
-        return await self._transport.send(response.to_bytes(), dest)
+        return await self._send(response.to_bytes(), dest)
 
     async def _server_send(self, record: _ServerTx, response: SipResponse) -> bool:
         """Pass a TU response through its server transaction; True if it went out.
@@ -1077,9 +1085,14 @@ class SipEndpoint:
         handle = record.handle
         if handle is not None and response.status >= 200 and handle.final_status is None:
             handle.final_status = response.status
+        rest = self._transmit_now(record, datas)
+        if rest is None:
+            return False
+        if not rest:
+            return True  # all sent at once (UDP): no task switch before the caller goes on
         sent = False
         with trio.CancelScope(shield=True):
-            sent = await self._transmit(record, datas)
+            sent = await self._transmit(record, rest)
         return sent
 
     def _apply(self, record: _ServerTx, actions: list[Action]) -> list[bytes]:
@@ -1098,26 +1111,50 @@ class SipEndpoint:
         return out
 
     def _spawn_transmit(self, record: _ServerTx, datas: list[bytes]) -> None:
-        if datas:
-            self._check_running().start_soon(self._transmit, record, datas)
+        """Send (a retransmission, a timer's answer...) at once if the transport takes it,
+        else from a task."""
+        rest = self._transmit_now(record, datas)
+        if rest:
+            self._check_running().start_soon(self._transmit, record, rest)
+
+    def _transmit_now(self, record: _ServerTx, datas: list[bytes]) -> list[bytes] | None:
+        """Send what the transport takes at once (UDP, socket buffer not full). Returns what
+        is left for ``_transmit`` (empty when all went), or None if a send failed (the
+        machine has been told)."""
+        for i, data in enumerate(datas):
+            try:
+                if not self._transport.send_nowait(data, record.dest):
+                    return datas[i:]
+            except TransportError as exc:
+                self._reply_not_sent(record, exc)
+                self._transmit_failed(record)
+                return None
+        return []
 
     async def _transmit(self, record: _ServerTx, datas: list[bytes]) -> bool:
         """Send a server transaction's messages in order; on a failure tell the machine."""
         for data in datas:
             if not await self._send_reply(record, data):
-                if record.handle is not None:
-                    record.handle.send_failures += 1
-                self._apply(record, record.tx.transport_error(trio.current_time()))
+                self._transmit_failed(record)
                 return False
         return True
+
+    def _transmit_failed(self, record: _ServerTx) -> None:
+        if record.handle is not None:
+            record.handle.send_failures += 1
+        self._apply(record, record.tx.transport_error(trio.current_time()))
+
+    @staticmethod
+    def _reply_not_sent(record: _ServerTx, exc: TransportError) -> None:
+        log.info("response to %s %s:%d not sent: %s", record.dest.transport,
+                 record.dest.host, record.dest.port, exc)
 
     async def _send_reply(self, record: _ServerTx, data: bytes) -> bool:
         """Send a response on the record's way back; False (logged) if that failed."""
         try:
             flow = await self._transport.send(data, record.dest)
         except TransportError as exc:
-            log.info("response to %s %s:%d not sent: %s", record.dest.transport,
-                     record.dest.host, record.dest.port, exc)
+            self._reply_not_sent(record, exc)
             return False
         if flow is not None and flow != record.dest.flow:
             record.dest = attrs.evolve(record.dest, flow=flow)
