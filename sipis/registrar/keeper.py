@@ -396,7 +396,10 @@ class RegistrationKeeper:
             # Pay for the REGISTER (and take an in-flight slot) before starting its task: a
             # cold start with many due bindings then waits here, in the heap, not as
             # thousands of waiting tasks.
-            await self._in_flight.acquire()
+            try:  # a free slot is taken without a scheduler pass (trio's acquire has one)
+                self._in_flight.acquire_nowait()
+            except trio.WouldBlock:
+                await self._in_flight.acquire()
             try:
                 await self._bucket.acquire()
             except BaseException:
