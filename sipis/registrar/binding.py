@@ -158,7 +158,8 @@ class Binding:
         self._authenticated_attempt = False  # the last REGISTER carried credentials
         # The challenge the next REGISTER answers (kept parsed: a refresh reuses it).
         self._last_challenge: Challenge | None = None
-        # The header lines every REGISTER of this binding shares, built once per params.
+        # The header lines every REGISTER of this binding shares, built once per params and
+        # kept while a registration is under way (a challenge needs a second REGISTER).
         self._template: tuple[BindingParams, str, Headers, str] | None = None
         self._retries_423 = 0
         self._in_flight = False
@@ -369,6 +370,8 @@ class Binding:
         self.last_registered_at = now
         self.last_error = None
         self.state = RegState.REGISTERED
+        # Until the refresh, minutes away: 100k templates held ~100 MiB for nothing.
+        self._template = None
         at = now + refresh_interval(granted, self.policy.refresh_ratio)
         self.next_attempt_at = at
         return [

@@ -682,3 +682,37 @@ async def test_logs_never_hold_the_device_token_or_the_provider_token(
     for push in server.pushes:
         assert push.jwt not in caplog.text
         assert push.jwt.split(".")[2] not in caplog.text
+
+
+# --- HPACK --------------------------------------------------------------------------------
+
+
+def test_request_header_blocks_decode_to_the_headers_and_leave_no_decoder_state() -> None:
+    """Our encoder (static table and literals only) is read back by a real HPACK decoder, the
+    same headers in order, the sensitive ones flagged never-indexed, and the decoder's
+    dynamic table stays empty across pushes and a table size change."""
+    import hpack
+
+    from sipis.push.apns import _LiteralEncoder
+
+    encoder, decoder = _LiteralEncoder(), hpack.Decoder()
+    token = "a" * 64
+    for n in range(3):
+        headers = [(b":method", b"POST"), (b":scheme", b"https"),
+                   (b":authority", b"api.push.apple.com"),
+                   hpack.NeverIndexedHeaderTuple(b":path", f"/3/device/{token}".encode()),
+                   (b"authorization", b"bearer " + b"j" * 300),  # long: multi-byte lengths
+                   (b"apns-topic", b"com.example.phone.voip"), (b"apns-push-type", b"voip"),
+                   (b"apns-priority", b"10"), (b"apns-expiration", b"0"),
+                   hpack.NeverIndexedHeaderTuple(b"apns-id", f"id-{n}".encode())]
+        if n == 2:
+            encoder.header_table_size = 1024  # the server's SETTINGS changed it
+        block = encoder.encode(headers)
+        # The first block, and the first after a change, open with "table size 0"; the
+        # others with :method POST, static index 3.
+        assert block[:2] == (b"\x83\x87" if n == 1 else b"\x20\x83")
+        decoded = decoder.decode(block, raw=True)
+        assert [(h[0], h[1]) for h in decoded] == [(h[0], h[1]) for h in headers]
+        never = {h[0] for h in decoded if isinstance(h, hpack.NeverIndexedHeaderTuple)}
+        assert never == {b":path", b"authorization", b"apns-id"}
+        assert len(decoder.header_table.dynamic_entries) == 0
