@@ -14,6 +14,12 @@ with other processes' clocks):
 These wrap private functions of ``sipis.sip.transport`` and ``sipis.push.apns`` from the
 outside, so that the daemon's code carries nothing for the benchmarks; if those names move,
 the hooks are skipped and the INVITE benchmark says so.
+
+Other instruments (``_INSTRUMENTS``), each turned on by a variable naming its output file:
+``SIPIS_BENCH_SAMPLE`` (CPU sampler: self, self by file, inclusive), ``SIPIS_BENCH_STEPS``
+(trio task steps per coroutine, main-thread CPU), ``SIPIS_BENCH_GCSTATS`` (collector time per
+generation and each full collection), ``SIPIS_BENCH_GARBAGE`` (the types that form reference
+cycles), ``SIPIS_BENCH_TRACEMALLOC``; ``SIPIS_BENCH_TRY`` names experiments.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 
@@ -318,25 +325,22 @@ def _install_garbage_census(path: str) -> None:
     atexit.register(dump)
 
 
+#: Environment variable → what it installs before sipis starts (each takes a file path).
+_INSTRUMENTS: dict[str, Callable[[str], None]] = {
+    "SIPIS_BENCH_GARBAGE": _install_garbage_census,
+    "SIPIS_BENCH_STEPS": _install_step_counter,
+    "SIPIS_BENCH_TRY": _install_experiments,
+    "SIPIS_BENCH_GCSTATS": _install_gc_stats,
+    "SIPIS_BENCH_TRACEMALLOC": _install_tracemalloc,
+    "SIPIS_BENCH_SAMPLE": _install_sampler,
+}
+
+
 def main() -> int:
-    garbage = os.environ.get("SIPIS_BENCH_GARBAGE")
-    if garbage:
-        _install_garbage_census(garbage)
-    steps = os.environ.get("SIPIS_BENCH_STEPS")
-    if steps:
-        _install_step_counter(steps)
-    experiments = os.environ.get("SIPIS_BENCH_TRY")
-    if experiments:
-        _install_experiments(experiments)
-    gc_stats = os.environ.get("SIPIS_BENCH_GCSTATS")
-    if gc_stats:
-        _install_gc_stats(gc_stats)
-    traced = os.environ.get("SIPIS_BENCH_TRACEMALLOC")
-    if traced:
-        _install_tracemalloc(traced)
-    sampler = os.environ.get("SIPIS_BENCH_SAMPLE")
-    if sampler:
-        _install_sampler(sampler)
+    for variable, install in _INSTRUMENTS.items():
+        value = os.environ.get(variable)
+        if value:
+            install(value)
     timing = os.environ.get("SIPIS_BENCH_TIMING")
     if timing:
         missing = _install_timing(timing)
