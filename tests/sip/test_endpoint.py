@@ -340,6 +340,21 @@ async def test_requests_work_over_the_memory_transport(
     assert endpoint.contact_host_port("udp") == (HOST, ours.port)
 
 
+async def test_a_cancelled_request_leaves_no_transaction_behind(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The caller gives up before the answer: its transaction is forgotten at once (no
+    retransmissions, nothing in the table), and a late answer is dropped."""
+    endpoint = await start_endpoint(nursery)
+    uas = await UdpUas.start(nursery, silent=True)
+    with trio.move_on_after(1.0):
+        await endpoint.request(register(), [uas.target])
+    assert endpoint.statistics().client_transactions == 0
+    sent = len(uas.seen)
+    await trio.sleep(10)
+    assert len(uas.seen) == sent  # Timer E no longer retransmits it
+
+
 async def test_a_stream_answer_that_overtakes_the_send_still_names_its_flow(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -419,6 +434,20 @@ async def test_garbage_over_udp_and_tcp_does_not_stop_options_being_answered(
         data = await stream.receive_some(65536)
     assert data.startswith(b"SIP/2.0 200 ")
     assert endpoint.statistics().parse_errors >= 3
+
+
+async def test_a_burst_of_queued_datagrams_is_answered_in_full(nursery: trio.Nursery) -> None:
+    """100 OPTIONS queued at once (read from the socket in batches of 32 per scheduler pass)
+    get 100 answers, and the endpoint still answers the next one."""
+    endpoint = await start_endpoint(nursery)
+    client = await udp_client()
+    udp = (HOST, endpoint.bound_port("udp"))
+    for n in range(100):
+        await client.sendto(raw_request(call_id=f"burst-{n}", branch=f"z9hG4bKburst{n}"), udp)
+    answered = {(await receive_response(client)).call_id for _ in range(100)}
+    assert answered == {f"burst-{n}" for n in range(100)}
+    await client.sendto(raw_request(call_id="after", branch="z9hG4bKafter"), udp)
+    assert (await receive_response(client)).call_id == "after"
 
 
 async def test_responses_go_back_to_the_source_port_with_rport(nursery: trio.Nursery) -> None:
