@@ -162,6 +162,16 @@ _VALID_NAMES: dict[str, tuple[str, str]] = {}  # name as written → (lower key,
 _LOOKUP_KEYS: dict[str, str] = {}  # name asked for → lower-case canonical key
 
 
+def _remember_name(name: str) -> tuple[str, str]:
+    """(lower-case key, canonical name) of a valid header name, memoised."""
+    canonical = canonical_name(name)
+    names = (canonical.lower(), canonical)
+    if len(_VALID_NAMES) >= _NAME_MEMO_SIZE:
+        _VALID_NAMES.clear()
+    _VALID_NAMES[name] = names
+    return names
+
+
 def _lookup_key(name: str) -> str:
     """``canonical_name(name).lower()``, memoised (a few dozen names in practice)."""
     key = _LOOKUP_KEYS.get(name)
@@ -230,14 +240,17 @@ class Headers:
         if names is None:
             if not _TOKEN_RE.fullmatch(name):
                 raise ValueError(f"invalid header name {name!r}")
-            canonical = canonical_name(name)
-            names = (canonical.lower(), canonical)
-            if len(_VALID_NAMES) >= _NAME_MEMO_SIZE:
-                _VALID_NAMES.clear()
-            _VALID_NAMES[name] = names
+            names = _remember_name(name)
         if "\r" in value or "\n" in value:
             raise ValueError(f"header {name} value contains CR or LF")
         return names[0], names[1], value
+
+    @classmethod
+    def _of_lines(cls, items: list[tuple[str, str, str]]) -> Headers:
+        """Headers from lines already checked (the parser's): (key, canonical name, value)."""
+        headers = cls()
+        headers._items = items
+        return headers
 
     def get(self, name: str) -> str | None:
         """Value of the first ``name`` line, or None."""
@@ -478,10 +491,12 @@ def _split_head(data: bytes, max_size: int) -> tuple[list[str], bytes]:
         raise SipParseError(
             "header section is not valid UTF-8", offending=data[start + max(0, exc.start - 20):]
         ) from None
-    lines = _FOLD_RE.sub(" ", head).split("\r\n")
-    for line in lines:
-        if "\r" in line or "\n" in line:
-            raise SipParseError("bare CR or LF in header section", offending=line)
+    unfolded = _FOLD_RE.sub(" ", head)
+    lines = unfolded.split("\r\n")
+    if unfolded.count("\r") != len(lines) - 1 or unfolded.count("\n") != len(lines) - 1:
+        for line in lines:  # a CR or LF outside the line ends: find it for the error
+            if "\r" in line or "\n" in line:
+                raise SipParseError("bare CR or LF in header section", offending=line)
     return lines, data[end + 4:]
 
 
@@ -506,14 +521,19 @@ def _parse_request_line(line: str) -> tuple[str, URI]:
 
 
 def _parse_headers(lines: list[str]) -> Headers:
-    headers = Headers()
+    # Names seen before skip the token check; no value holds CR or LF (``_split_head``).
+    items: list[tuple[str, str, str]] = []
+    known_names = _VALID_NAMES
     for line in lines:
         name, colon, value = line.partition(":")
-        name = name.rstrip(" \t")
-        if not colon or not _TOKEN_RE.fullmatch(name):
-            raise SipParseError("malformed header line", offending=line)
-        headers.add(name, value.strip(" \t"))
-    return headers
+        names = known_names.get(name) if colon else None
+        if names is None:
+            name = name.rstrip(" \t")
+            if not colon or not _TOKEN_RE.fullmatch(name):
+                raise SipParseError("malformed header line", offending=line)
+            names = known_names.get(name) or _remember_name(name)
+        items.append((names[0], names[1], value.strip(" \t")))
+    return Headers._of_lines(items)
 
 
 # Lower-case key → canonical name of the headers _validate looks at.
