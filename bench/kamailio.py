@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from bench.common import HOST, BenchError, children, group_cpu, wait_until
+from bench.common import HOST, BenchError, children, group_cpu, stop_process, wait_until
 
 KAMAILIO = shutil.which("kamailio", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
 KAMCMD = shutil.which("kamcmd", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
@@ -316,11 +316,8 @@ class KamailioProcess:
         proc, self.proc = self.proc, None
         if proc is None:
             return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(10)
+        stop_process(proc)
+        # Children that outlived the main process go with the group.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
