@@ -60,13 +60,13 @@ Rules (SPEC.md "SIP behaviour" 1–7; table ``TRANSITIONS``):
 
 from __future__ import annotations
 
-import enum
 import re
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, TypeAlias
 
 import attrs
 
+from sipis import fastenum
 from sipis.calls.device import DeviceBinding
 from sipis.push.base import PushKind
 from sipis.sip.message import split_header_list
@@ -130,7 +130,7 @@ class CallConfig:
     max_forward_attempts: int = attrs.field(default=3, validator=_positive)
 
 
-class CallOutcome(enum.Enum):
+class CallOutcome(fastenum.Enum):
     """How the call ended (``GET /v1/instances/{id}/calls`` shows the value)."""
 
     ANSWERED = "answered"
@@ -141,7 +141,7 @@ class CallOutcome(enum.Enum):
     FAILED = "failed"
 
 
-class CallState(enum.Enum):
+class CallState(fastenum.Enum):
     """Where the call stands."""
 
     IDLE = "idle"  # created, no INVITE handled yet
@@ -306,7 +306,7 @@ CallAction: TypeAlias = (
 # --- the table ------------------------------------------------------------------------------
 
 
-class CallInput(enum.Enum):
+class CallInput(fastenum.Enum):
     """Events after classification (the table's second key)."""
 
     INVITE = "invite"

@@ -69,7 +69,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import enum
 import hashlib
 import hmac
 import math
@@ -81,6 +80,7 @@ from typing import Protocol, TypeAlias
 
 import attrs
 
+from sipis import fastenum
 from sipis.sip.digest import (
     Credentials,
     compute_ha1,
@@ -150,7 +150,7 @@ def device_ha1s(secret: str, username: str, realm: str) -> dict[str, str]:
 # --- nonces ---------------------------------------------------------------------------------
 
 
-class NonceStatus(enum.Enum):
+class NonceStatus(fastenum.Enum):
     """What :meth:`NonceIssuer.status` found."""
 
     VALID = "valid"
@@ -364,7 +364,7 @@ class DeviceBinding:
         return max(0, math.ceil(self.expires_at - now - 1e-9))
 
 
-class BindingChangeKind(enum.Enum):
+class BindingChangeKind(fastenum.Enum):
     """What happened to a binding."""
 
     ADDED = "added"  # a new contact registered

@@ -18,13 +18,14 @@ Errors (one line each: when raised, what the caller does):
 
 from __future__ import annotations
 
-import enum
 from typing import Protocol
 
 import attrs
 
+from sipis import fastenum
 
-class PushKind(enum.Enum):
+
+class PushKind(fastenum.Enum):
     """What the push is for; it decides the provider's push type and priority.
 
     - ``CALL``: APNs ``apns-push-type: voip`` on topic ``{bundle}.voip``, priority 10,

@@ -22,12 +22,12 @@ Rules:
 
 from __future__ import annotations
 
-import enum
 import random
 from collections.abc import Callable
 
 import attrs
 
+from sipis import fastenum
 from sipis.sip.digest import Challenge, DigestClient, choose_challenge, parse_challenge
 from sipis.sip.errors import DigestError, SipParseError
 from sipis.sip.headers import URI, Address
@@ -43,7 +43,7 @@ REFRESH_MIN_MARGIN = 5.0
 MAX_FORWARDS = "70"
 
 
-class RegState(enum.Enum):
+class RegState(fastenum.Enum):
     """What the API shows as ``registration.state``."""
 
     IDLE = "idle"
@@ -55,7 +55,7 @@ class RegState(enum.Enum):
     UNREGISTERED = "unregistered"
 
 
-class FailureKind(enum.Enum):
+class FailureKind(fastenum.Enum):
     """Why a REGISTER got no response (the driver's view of the transaction)."""
 
     TIMEOUT = "timeout"

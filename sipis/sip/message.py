@@ -23,7 +23,6 @@ message equality ignores the header, so ``parse_message(m.to_bytes()) == m``.
 
 from __future__ import annotations
 
-import enum
 import re
 import secrets
 from collections.abc import Iterable, Iterator
@@ -31,6 +30,7 @@ from typing import Final
 
 import attrs
 
+from sipis import fastenum
 from sipis.sip.errors import SipParseError
 from sipis.sip.headers import URI, Address, CSeq, Via
 
@@ -660,7 +660,7 @@ def make_response(
 # stream framing
 
 
-class KeepAlive(enum.Enum):
+class KeepAlive(fastenum.Enum):
     """RFC 5626 §3.5.1 keep-alives seen between messages on a stream."""
 
     PING = "ping"  #: CRLFCRLF: answer with a single CRLF

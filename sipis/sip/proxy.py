@@ -42,7 +42,6 @@ INVITE) before sending anything.
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import hmac
 import ipaddress
@@ -53,6 +52,7 @@ from typing import Final
 
 import attrs
 
+from sipis import fastenum
 from sipis.sip.errors import SipError, SipParseError
 from sipis.sip.headers import URI, Address, CSeq, Via
 from sipis.sip.message import BRANCH_MAGIC_COOKIE, Headers, SipRequest, SipResponse
@@ -170,7 +170,7 @@ class ProxyIdentity:
                    (("branch", branch), ("rport", None)))
 
 
-class Leg(enum.Enum):
+class Leg(fastenum.Enum):
     """A side of sipis in a proxied dialog."""
 
     PROVIDER = "p"  #: toward the SIP provider (the caller's side: INVITEs come from here)

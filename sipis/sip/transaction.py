@@ -52,6 +52,8 @@ from typing import Generic, TypeAlias, TypeVar
 
 import attrs
 
+from sipis import fastenum
+
 __all__ = [
     "IGNORED",
     "INVITE_CLIENT_IGNORED",
@@ -115,7 +117,7 @@ def _next_state(state: _StateT, inp: _InputT,
     return transitions[key]
 
 
-class TxState(enum.Enum):
+class TxState(fastenum.Enum):
     """Transaction states of RFC 3261 §17, plus IDLE for a client not yet started."""
 
     IDLE = "idle"
@@ -125,7 +127,7 @@ class TxState(enum.Enum):
     TERMINATED = "terminated"
 
 
-class TxInput(enum.Enum):
+class TxInput(fastenum.Enum):
     """Inputs of the non-INVITE client transaction (§17.1.2)."""
 
     START = "start"
@@ -137,7 +139,7 @@ class TxInput(enum.Enum):
     TRANSPORT_ERROR = "transport-error"
 
 
-class ServerTxInput(enum.Enum):
+class ServerTxInput(fastenum.Enum):
     """Inputs of the non-INVITE server transaction (§17.2.2)."""
 
     REQUEST = "request"  # a retransmission of the request that created the transaction
@@ -147,7 +149,7 @@ class ServerTxInput(enum.Enum):
     TRANSPORT_ERROR = "transport-error"
 
 
-class TxOutcome(enum.Enum):
+class TxOutcome(fastenum.Enum):
     """How a transaction ended (``Terminated.outcome``)."""
 
     COMPLETED = "completed"  # a final response went through
@@ -596,7 +598,7 @@ TIMER_M_MULTIPLIER = 64
 TIMER_D_UNRELIABLE = 32.0
 
 
-class InviteTxState(enum.Enum):
+class InviteTxState(fastenum.Enum):
     """INVITE transaction states (RFC 3261 §17.1.1/§17.2.1 plus ACCEPTED of RFC 6026).
 
     IDLE is a client not yet started; CALLING is client only, CONFIRMED server only.
@@ -611,7 +613,7 @@ class InviteTxState(enum.Enum):
     TERMINATED = "terminated"
 
 
-class InviteClientInput(enum.Enum):
+class InviteClientInput(fastenum.Enum):
     """Inputs of the INVITE client transaction."""
 
     START = "start"
@@ -625,7 +627,7 @@ class InviteClientInput(enum.Enum):
     TRANSPORT_ERROR = "transport-error"
 
 
-class InviteServerInput(enum.Enum):
+class InviteServerInput(fastenum.Enum):
     """Inputs of the INVITE server transaction."""
 
     REQUEST = "request"  # a retransmission of the INVITE
