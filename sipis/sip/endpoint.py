@@ -292,7 +292,9 @@ def _channel_delivery(send: trio.MemorySendChannel[_ClientInput]
 @attrs.define(eq=False)
 class _ServerTx:
     key: tuple[str, str, str]
-    request: SipRequest
+    # The request, until a non-INVITE transaction has its final response: then it only
+    # absorbs retransmissions (Timer J, 32 s over UDP) and needs the response bytes alone.
+    request: SipRequest | None
     source: Source
     dest: Destination
     tx: ServerNonInviteTransaction | ServerInviteTransaction
@@ -954,7 +956,7 @@ class SipEndpoint:
         record.handle = handle
         if self._invites_running >= MAX_CONCURRENT_INVITES:
             log.warning("too many INVITEs in progress; answering 503")
-            nursery.start_soon(self._server_send, record, _busy(record.request))
+            nursery.start_soon(self._server_send, record, _busy(handle.request))
             return
         self._invites_running += 1
         nursery.start_soon(self._handle_invite, handle)
@@ -1021,6 +1023,7 @@ class SipEndpoint:
     async def _answer_cancel(self, record: _ServerTx) -> None:
         """200 (then tell the INVITE's handle) or 481 to a new CANCEL (RFC 3261 §9.2)."""
         request = record.request
+        assert request is not None  # no final sent yet
         invite = self._server.get(_server_key(request, "INVITE"))
         handle = invite.handle if invite is not None else None
         if (handle is None or handle.state is InviteTxState.TERMINATED
@@ -1083,8 +1086,11 @@ class SipEndpoint:
         if not datas:
             return False
         handle = record.handle
-        if handle is not None and response.status >= 200 and handle.final_status is None:
-            handle.final_status = response.status
+        if response.status >= 200:
+            if handle is None:
+                record.request = None  # a completed non-INVITE keeps its answer's bytes only
+            elif handle.final_status is None:
+                handle.final_status = response.status
         rest = self._transmit_now(record, datas)
         if rest is None:
             return False
@@ -1425,6 +1431,7 @@ class ServerInviteHandle:
         self._record = record
         self._tx = tx
         self._managed = managed
+        assert record.request is not None  # kept by INVITE transactions
         self.request = record.request
         self.source = record.source
         self.to_tag = self.request.to.tag or new_tag()
@@ -1435,6 +1442,7 @@ class ServerInviteHandle:
         self.final_status: int | None = None
         self.send_failures = 0
         self._ack_or_end = trio.Event()
+        self._on_cancel: Callable[[str | None], None] | None = None
 
     def __repr__(self) -> str:
         return (f"ServerInviteHandle(branch={self.branch!r}, state={self.state.name}, "
@@ -1524,6 +1532,15 @@ class ServerInviteHandle:
         await self.cancelled.wait()
         return self.cancel_reason
 
+    def when_cancelled(self, callback: Callable[[str | None], None]) -> None:
+        """Call ``callback(cancel_reason)`` once a CANCEL has come (at once if it has): a
+        task-less ``wait_cancelled`` for a handler that must not block on it. One callback
+        per handle; it runs in the endpoint's receive path and must not raise."""
+        if self.cancelled.is_set():
+            callback(self.cancel_reason)
+        else:
+            self._on_cancel = callback
+
     async def wait_ack(self) -> bool:
         """Wait for the ACK of our non-2xx final: True, or False if the transaction ended
         without one (Timer H, or it was a 2xx, whose ACK goes to ``handle_request``)."""
@@ -1541,6 +1558,9 @@ class ServerInviteHandle:
         if not self.cancelled.is_set():
             self.cancel_reason = reason
             self.cancelled.set()
+            callback, self._on_cancel = self._on_cancel, None
+            if callback is not None:
+                callback(reason)
 
     def _acked(self) -> None:
         self.acked.set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, cast
 
 import attrs
@@ -125,6 +126,7 @@ class FakeTx:
         self.sent: list[SipResponse] = []
         self.cancelled = trio.Event()
         self.cancel_reason: str | None = None
+        self.on_cancel: Callable[[str | None], None] | None = None
         self.destination = Destination("udp", CALLER.host, CALLER.port)
 
     def make_response(self, status: int, reason: str | None = None) -> SipResponse:
@@ -145,6 +147,19 @@ class FakeTx:
     async def wait_cancelled(self) -> str | None:
         await self.cancelled.wait()
         return self.cancel_reason
+
+    def when_cancelled(self, callback: Callable[[str | None], None]) -> None:
+        if self.cancelled.is_set():
+            callback(self.cancel_reason)
+        else:
+            self.on_cancel = callback
+
+    def cancel(self, reason: str | None) -> None:
+        """What the endpoint does when a CANCEL comes."""
+        self.cancel_reason = reason
+        self.cancelled.set()
+        if self.on_cancel is not None:
+            self.on_cancel(reason)
 
     def summary(self) -> list[tuple[int, str | None, str | None]]:
         return [(r.status, r.headers.get("X-Sipis-Push-Status"), r.headers.get("X-Sipis-Reason"))
@@ -267,11 +282,11 @@ async def test_upstream_cancel_is_487_and_a_call_ended_push(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(d.handle_invite, req, CALLER, cast(ServerInviteHandle, tx))
         await trio.sleep(0.5)
-        tx.cancel_reason = 'SIP;cause=200;text="Call completed elsewhere"'
-        tx.cancelled.set()
+        tx.cancel('SIP;cause=200;text="Call completed elsewhere"')
     assert [s for s, *_ in tx.summary()] == [180, 180, 487]
     assert push.sent[-1].kind is PushKind.CALL_ENDED
     assert push.sent[-1].reason == "answered-elsewhere"
+    assert d._waiting == {}  # the ended call no longer waits for its device
 
 
 async def test_device_register_wakes_the_held_call_and_forwards_to_its_source(
@@ -294,6 +309,7 @@ async def test_device_register_wakes_the_held_call_and_forwards_to_its_source(
         assert RECORD.id not in record_route[0]  # the token names the contact token
     # The forward failed (flow closed) after a push: wait for a new REGISTER under T2.
     assert tx.summary()[-1] == (480, None, "No-Response-From-Device")
+    assert d._waiting == {}
 
 
 async def test_message_is_200_and_an_alert_push_without_the_body() -> None:

@@ -356,6 +356,37 @@ async def test_a_cancel_is_answered_200_the_handler_sends_487_and_its_ack_is_abs
     assert handler.requests == []  # neither the CANCEL nor the ACK reached the handler
 
 
+async def test_when_cancelled_calls_back_on_the_cancel_or_at_once_if_it_came(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The task-less ``wait_cancelled``: a callback given before the CANCEL hears its Reason
+    when the CANCEL arrives, once; one given after it is called at once."""
+    early: list[str | None] = []
+    late: list[str | None] = []
+
+    async def script(tx: ServerInviteHandle) -> None:
+        await tx.send_provisional(tx.make_response(180))
+        tx.when_cancelled(early.append)
+        await tx.wait_cancelled()
+        tx.when_cancelled(late.append)
+        await tx.send_final(tx.make_response(487))
+
+    handler = CallHandler(script)
+    _, peer = await memory_setup(nursery, handler)
+    invite = uac_request()
+    await peer.send(invite)
+    await peer.response(180)
+    assert early == []
+    cancel = uac_request("CANCEL", extra=(f"Reason: {ANSWERED_ELSEWHERE}",))
+    await peer.send(cancel)
+    await peer.response(487)
+    await peer.send(cancel)  # a retransmitted CANCEL calls nobody again
+    await peer.response(200, method="CANCEL")
+    await handler.script_done.wait()
+    assert early == [ANSWERED_ELSEWHERE]
+    assert late == [ANSWERED_ELSEWHERE]
+
+
 async def test_a_cancel_matching_no_invite_gets_481(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
