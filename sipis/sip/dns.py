@@ -217,6 +217,22 @@ class SipResolver:
         """Forget every cached answer."""
         self._cache.clear()
 
+    def resolve_now(self, uri: URI) -> list[Target] | None:
+        """``resolve`` when no lookup is needed (the host is an IP literal): its targets, or
+        None for a name. Lets a caller go on without waiting when nothing can block.
+
+        Raises:
+            ResolveError: a non-SIP URI or an unsupported transport, as ``resolve``.
+        """
+        if uri.scheme not in ("sip", "sips") or not uri.host:
+            raise ResolveError(f"cannot resolve a {uri.scheme}: URI")
+        address = _normal_ip(uri.host)
+        if address is None:
+            return None
+        transport = default_transport(uri)
+        port = uri.port if uri.port is not None else DEFAULT_PORTS[transport]
+        return [Target(transport, address, port, None)]
+
     async def resolve(self, uri: URI) -> list[Target]:
         """Resolve ``uri`` (its host, port and ``transport`` parameter) to the failover list.
 
@@ -227,14 +243,10 @@ class SipResolver:
             ResolveError: a non-SIP URI, an unsupported transport, a DNS timeout, or no
                 address at all.
         """
-        if uri.scheme not in ("sip", "sips") or not uri.host:
-            raise ResolveError(f"cannot resolve a {uri.scheme}: URI")
-        host = uri.host if _ip_literal(uri.host) else uri.host.rstrip(".")
-        address = _normal_ip(host)
-        if address is not None:
-            transport = default_transport(uri)
-            port = uri.port if uri.port is not None else DEFAULT_PORTS[transport]
-            return [Target(transport, address, port, None)]
+        now = self.resolve_now(uri)
+        if now is not None:
+            return now
+        host = uri.host.rstrip(".")
         if self._resolver is None:
             raise ResolveError(self._config_error or "no DNS configuration")
         try:

@@ -559,6 +559,50 @@ class SipEndpoint:
             ValueError: an INVITE or ACK (see ``invite``, ``send_request_stateless``), or
                 ``replace_top_via`` on a request whose top Via is not ours.
         """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        task = trio.lowlevel.current_task()
+        ended: list[ClientResult | SipError] = []
+        parked = False
+
+        def done(result: ClientResult | SipError) -> None:
+            ended.append(result)
+            if parked:
+                trio.lowlevel.reschedule(task)
+
+        abandon = self.start_request(request, targets, done, replace_top_via=replace_top_via)
+        if ended:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        else:
+            parked = True
+
+            def abort(_: object) -> trio.lowlevel.Abort:
+                abandon()
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            await trio.lowlevel.wait_task_rescheduled(abort)
+        result = ended[0]
+        if isinstance(result, SipError):
+            raise result
+        return result
+
+    def start_request(
+        self, request: SipRequest, targets: Sequence[Target | Destination],
+        done: Callable[[ClientResult | SipError], None], *, replace_top_via: bool = False,
+    ) -> Callable[[], None]:
+        """``request`` without a waiting task: ``done`` hears the outcome once.
+
+        ``done`` gets the ``ClientResult``, or the ``TransactionTimeout`` / ``TransportError``
+        that ``request`` would raise. It runs in the endpoint's receive or timer path (or
+        before this returns, when the last target fails at once): it must not block or
+        raise. For callers that chain transactions (a REGISTER, its 401, the authenticated
+        REGISTER) without a task switch between them.
+
+        Returns:
+            a function that abandons the request: ``done`` is then never called.
+
+        Raises:
+            TransportError, ValueError: as ``request`` does, before anything is sent.
+        """
         if request.method in ("INVITE", "ACK"):
             raise ValueError(f"{request.method} needs its own transaction kind (RFC 3261 §17.1.1)")
         if replace_top_via:
@@ -571,20 +615,9 @@ class SipEndpoint:
         if not allowed:
             raise TransportError("destination not allowed")
         self._check_running()
-        error: SipError = TransportError("no target")
-        for target, dest in allowed:
-            try:
-                if dest.transport not in TRANSPORTS:
-                    raise TransportError(f"unsupported transport {excerpt(dest.transport)}")
-                branch = new_branch()
-                outgoing = self._outgoing(request, dest.transport, branch, replace_top_via)
-                response, flow = await self._run_non_invite(outgoing, branch, dest)
-                return ClientResult(response, target, flow)
-            except (TransactionTimeout, TransportError) as exc:
-                log.info("%s to %s %s:%d failed: %s", request.method, dest.transport,
-                         dest.host, dest.port, exc)
-                error = exc
-        raise error
+        failover = _Failover(self, request, allowed, replace_top_via, done)
+        failover.next(TransportError("no target"))
+        return failover.abandon
 
     async def _run_non_invite(
         self, outgoing: SipRequest, branch: str, dest: Destination
@@ -1250,6 +1283,73 @@ def _busy(request: SipRequest) -> SipResponse:
     busy = make_response(request, 503, to_tag=new_tag())
     busy.headers.add("Retry-After", "5")
     return busy
+
+
+class _Failover:
+    """A non-INVITE request tried on each allowed target in turn (RFC 3263 §4.3), without a
+    task: the next target starts from the failed transaction's end report."""
+
+    __slots__ = ("_abandoned", "_allowed", "_client", "_dest", "_done", "_endpoint",
+                 "_replace_top_via", "_request", "_target")
+
+    def __init__(
+        self, endpoint: SipEndpoint, request: SipRequest,
+        allowed: list[tuple[Target | Destination, Destination]], replace_top_via: bool,
+        done: Callable[[ClientResult | SipError], None],
+    ) -> None:
+        self._endpoint = endpoint
+        self._request = request
+        self._allowed = iter(allowed)
+        self._replace_top_via = replace_top_via
+        self._done = done
+        self._client: _NonInviteClient | None = None
+        self._target: Target | Destination | None = None
+        self._dest: Destination | None = None
+        self._abandoned = False
+
+    def next(self, error: SipError) -> None:
+        """Start on the next allowed target; report ``error`` if none is left."""
+        for target, dest in self._allowed:
+            self._target, self._dest = target, dest
+            try:
+                if dest.transport not in TRANSPORTS:
+                    raise TransportError(f"unsupported transport {excerpt(dest.transport)}")
+                branch = new_branch()
+                outgoing = self._endpoint._outgoing(self._request, dest.transport, branch,
+                                                    self._replace_top_via)
+            except TransportError as exc:
+                self._failed(exc)
+                error = exc
+                continue
+            client = self._endpoint._start_non_invite(outgoing, branch, dest, self._ended)
+            if not client.finished:
+                self._client = client
+            return
+        self._done(error)
+
+    def abandon(self) -> None:
+        self._abandoned = True
+        client, self._client = self._client, None
+        if client is not None:
+            client.abandon()
+
+    def _ended(self, result: tuple[SipResponse, FlowKey | None] | SipError) -> None:
+        self._client = None
+        if self._abandoned:
+            return
+        if isinstance(result, SipError):
+            self._failed(result)
+            self.next(result)
+            return
+        response, flow = result
+        assert self._target is not None
+        self._done(ClientResult(response, self._target, flow))
+
+    def _failed(self, exc: SipError) -> None:
+        dest = self._dest
+        assert dest is not None
+        log.info("%s to %s %s:%d failed: %s", self._request.method, dest.transport,
+                 dest.host, dest.port, exc)
 
 
 class _NonInviteClient:

@@ -7,7 +7,8 @@ a real Kamailio are in tests/test_registration_kamailio.py.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import attrs
 import pytest
@@ -15,9 +16,14 @@ import trio
 import trio.testing
 
 from sipis.registrar.binding import BindingPolicy, RegState
-from sipis.registrar.keeper import KeeperConfig, RegistrationKeeper, TokenBucket
+from sipis.registrar.keeper import (
+    MAX_IN_FLIGHT,
+    KeeperConfig,
+    RegistrationKeeper,
+    TokenBucket,
+)
 from sipis.sip.digest import make_challenge, verify_authorization
-from sipis.sip.errors import TransactionTimeout
+from sipis.sip.errors import TransactionTimeout, TransportError
 from sipis.sip.headers import URI
 from sipis.sip.message import SipRequest, SipResponse, make_response
 from sipis.store.models import InstanceRecord, RegistrationStatus
@@ -78,6 +84,20 @@ class FakeRegistrar:
         resp.headers.add("Contact", f"{contact};expires={self.grant}")
         return FakeResult(resp, self.flow)
 
+    def start_request(self, request: SipRequest, targets: Sequence[object],
+                      done: Callable[[object], None]) -> Callable[[], None]:
+        """``request`` reported through ``done``, as the endpoint's task-less variant."""
+        async def run() -> None:
+            try:
+                result = await self.request(request, targets)
+            except (TransactionTimeout, TransportError) as exc:
+                done(exc)
+                return
+            done(result)
+
+        trio.lowlevel.spawn_system_task(run)
+        return lambda: None
+
     def contact_host_port(self, transport: str) -> tuple[str, int]:
         return ("127.0.0.1", 5070)
 
@@ -86,8 +106,32 @@ class FakeRegistrar:
 
 
 class FakeResolver:
+    """A registrar by name: every drive resolves in a task."""
+
     async def resolve(self, uri: URI) -> list[FakeTarget]:
         return [FakeTarget("udp")]
+
+    def resolve_now(self, uri: URI) -> list[FakeTarget] | None:
+        return None
+
+
+class LiteralResolver(FakeResolver):
+    """A registrar by IP literal: drives run without a task (``start_request``)."""
+
+    def resolve_now(self, uri: URI) -> list[FakeTarget] | None:
+        return [FakeTarget("udp")]
+
+
+@pytest.fixture(autouse=True, params=["by-name", "by-ip-literal"])
+def resolver_kind(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every keeper test runs both ways: drives in tasks, and task-less drives."""
+    global RESOLVER
+    RESOLVER = FakeResolver if request.param == "by-name" else LiteralResolver
+    yield
+    RESOLVER = FakeResolver
+
+
+RESOLVER: type[FakeResolver] = FakeResolver
 
 
 class FakeStatusStore:
@@ -131,7 +175,7 @@ def autojump_clock() -> trio.testing.MockClock:
 async def start_keeper(nursery: trio.Nursery, registrar: FakeRegistrar,
                        store: FakeStatusStore | None = None,
                        config: KeeperConfig = CONFIG) -> RegistrationKeeper:
-    keeper = RegistrationKeeper(endpoint=registrar, resolver=FakeResolver(),
+    keeper = RegistrationKeeper(endpoint=registrar, resolver=RESOLVER(),
                                 store=store or FakeStatusStore(), config=config,
                                 rng=random.Random(3))
     await nursery.start(keeper.run)
@@ -151,6 +195,36 @@ async def test_register_first_waits_for_the_authenticated_outcome(
         status = keeper.status("inst000001")
         assert status is not None and status.state == "registered"
         assert status.granted_expires == 60
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_registrar_by_ip_literal_is_kept_without_a_task_per_registration(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """With nothing to look up and tokens at hand, adopted bindings register and refresh
+    from the answers' path: the task that drives a registration never starts."""
+    registrar = FakeRegistrar()
+    async with trio.open_nursery() as nursery:
+        keeper = await start_keeper(nursery, registrar)
+        drives: list[str] = []
+        task_drive = keeper._drive
+
+        async def counted(entry: Any, prepaid: bool, slot: bool = False) -> None:
+            drives.append(entry.record.id)
+            await task_drive(entry, prepaid, slot)
+
+        keeper._drive = counted  # type: ignore[method-assign]
+        for n in range(3):
+            keeper.adopt(record(n))
+        await trio.sleep(130)  # registered, then refreshed twice (grant 60, ratio 0.8)
+        assert registrar.bindings.keys() == {"tok0", "tok1", "tok2"}
+        assert len(registrar.seen) >= 3 * 4
+        if RESOLVER is LiteralResolver:
+            assert drives == []
+        else:
+            assert len(drives) >= 9  # 3 first registrations, 2 refreshes each
+        assert keeper._in_flight.value == MAX_IN_FLIGHT  # every drive gave its slot back
+        assert not any(entry.busy for entry in keeper._entries.values())
         nursery.cancel_scope.cancel()
 
 

@@ -12,7 +12,7 @@ import trio
 import trio.testing
 
 from sipis.sip.dns import Target
-from sipis.sip.endpoint import EndpointConfig, ListenSpec, SipEndpoint, Source
+from sipis.sip.endpoint import ClientResult, EndpointConfig, ListenSpec, SipEndpoint, Source
 from sipis.sip.errors import TransactionTimeout, TransportError
 from sipis.sip.headers import URI, Via
 from sipis.sip.message import (
@@ -353,6 +353,34 @@ async def test_a_cancelled_request_leaves_no_transaction_behind(
     sent = len(uas.seen)
     await trio.sleep(10)
     assert len(uas.seen) == sent  # Timer E no longer retransmits it
+
+
+async def test_start_request_reports_through_done_and_fails_over_without_a_task(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The task-less ``request``: ``done`` hears the final (after a silent first target's
+    Timer F, from the second target) once; an abandoned request reports nothing, sends
+    nothing more, and leaves no transaction."""
+    endpoint = await start_endpoint(nursery)
+    silent = await UdpUas.start(nursery, silent=True)
+    live = await UdpUas.start(nursery, status=403)
+    outcomes: list[object] = []
+    endpoint.start_request(register(), [silent.target, live.target], outcomes.append)
+    assert outcomes == []  # nothing waits: the caller goes on
+    await trio.sleep(40)
+    [result] = outcomes
+    assert isinstance(result, ClientResult)
+    assert result.response.status == 403 and result.target == live.target
+
+    abandoned: list[object] = []
+    abandon = endpoint.start_request(register(), [silent.target], abandoned.append)
+    await trio.sleep(1)
+    abandon()
+    sent = len(silent.seen)
+    await trio.sleep(40)
+    assert abandoned == []
+    assert len(silent.seen) == sent
+    assert endpoint.statistics().client_transactions == 0
 
 
 async def test_a_stream_answer_that_overtakes_the_send_still_names_its_flow(
