@@ -8,8 +8,8 @@ with other processes' clocks):
 
 - ``invite``: a UDP datagram holding an INVITE handed to sipis's SIP transport, keyed by its
   Call-ID (the moment the INVITE arrived at sipis, before parsing);
-- ``push``: the bytes holding a push's END_STREAM handed to the kernel (the TLS stream's
-  socket ``send``, before its syscall), keyed by the push payload's ``sip_call_id``.
+- ``push``: the bytes holding a push's END_STREAM taken by the kernel (the APNs connection's
+  TLS stream had nothing left to write), keyed by the push payload's ``sip_call_id``.
 
 These wrap private functions of ``sipis.sip.transport`` and ``sipis.push.apns`` from the
 outside, so that the daemon's code carries nothing for the benchmarks; if those names move,
@@ -79,37 +79,40 @@ def _install_timing(path: str) -> list[str]:
 
     pending: dict[int, list[tuple[int, str]]] = {}  # id(connection) → [(end_offset, key)]
 
+    def written(conn: Any) -> None:
+        """Note the pushes whose last byte the socket has taken."""
+        waiting = pending.get(id(conn))
+        if waiting and conn._tls is not None and conn._tls.pending == 0:
+            handed = conn._handed
+            keep = []
+            for end_offset, key in waiting:
+                if end_offset <= handed:
+                    note("push", key)
+                else:
+                    keep.append((end_offset, key))
+            pending[id(conn)] = keep
+
     async def send_body(self: Any, stream: Any, body: bytes) -> None:
+        # The bytes usually reach the socket inside the call (no writer task in between).
         await original_send_body(self, stream, body)
         if stream.end_offset is not None:
             key = _json_value(body, b'"sip_call_id":"')
             if key:
                 pending.setdefault(id(self), []).append((stream.end_offset, key))
+                written(self)
 
     async def connect(self: Any) -> Any:
         tls = await original_connect(self)
         conn = self
-        # The kernel write: trio's SSLStream yields (its send lock) before it reaches the
-        # socket, and the socket send yields after its syscall; the note is taken at the
-        # syscall, so neither wait counts as writing time.
-        sock = tls.transport_stream.socket
-        original_send = sock.send
+        original_send_pending = tls._send_pending
 
-        async def send(data: Any, *args: Any) -> int:
-            waiting = pending.get(id(conn))
-            if waiting:
-                handed = conn._handed
-                keep = []
-                for end_offset, key in waiting:
-                    if end_offset <= handed:
-                        note("push", key)
-                    else:
-                        keep.append((end_offset, key))
-                pending[id(conn)] = keep
-            sent: int = await original_send(data, *args)
-            return sent
+        def send_pending() -> bool:
+            done: bool = original_send_pending()
+            if done:
+                written(conn)
+            return done
 
-        sock.send = send
+        tls._send_pending = send_pending
         return tls
 
     conn_cls._send_body = send_body

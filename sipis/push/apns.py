@@ -49,6 +49,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import ssl
@@ -143,6 +144,9 @@ _EXPIRED_TOKEN: Final = "ExpiredProviderToken"  # noqa: S105 (a reason, not a se
 
 _READ_SIZE: Final = 65536
 _MAX_RESPONSE_BODY: Final = 65536  # Apple's error bodies are a few dozen bytes
+#: A write within this long of the previous direct one waits for the writer task and goes
+#: out with whatever else is queued by then (a burst); a quieter one is sent at once.
+_COALESCE_AFTER: Final = 0.0005
 _CLOSE_TIMEOUT: Final = 1.0  # bounded, shielded goodbye (GOAWAY + TLS close) per connection
 _GOAWAY_FRAME: Final = 0x7
 _FRAME_HEADER: Final = 9
@@ -633,6 +637,132 @@ def _as_bytes(value: bytes | str) -> bytes:
     return value if isinstance(value, bytes) else value.encode()
 
 
+class _TlsStream:
+    """TLS over a trio TCP socket (``ssl.SSLObject`` on memory BIOs) whose sends need no task.
+
+    ``send_nowait`` encrypts at once, in the caller's task, and hands the socket what it
+    takes now; the rest waits for ``flush`` (the connection's writer). With trio's
+    ``SSLStream`` a push reached the socket two scheduler passes after it was encoded (the
+    writer task's wake-up, then the stream's send lock), each one the length of every other
+    ready task's turn under load. Records stay whole: a send never yields half-way.
+    Renegotiation (TLS 1.2) is refused: it would need reads in the middle of a send.
+    """
+
+    def __init__(self, sock: trio.socket.SocketType, context: ssl.SSLContext,
+                 server_hostname: str) -> None:
+        self._sock = sock
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._ssl = context.wrap_bio(self._incoming, self._outgoing, server_side=False,
+                                     server_hostname=server_hostname)
+        self._pending = bytearray()  # ciphertext the socket has not taken yet
+        self._broken: BaseException | None = None
+
+    @property
+    def pending(self) -> int:
+        """Bytes encrypted and not yet taken by the socket."""
+        return len(self._pending)
+
+    def selected_alpn_protocol(self) -> str | None:
+        return self._ssl.selected_alpn_protocol()
+
+    async def do_handshake(self) -> None:
+        while True:
+            try:
+                self._ssl.do_handshake()
+            except ssl.SSLWantReadError:
+                self._queue_outgoing()
+                await self.flush()
+                await self._receive_into_bio()
+                continue
+            except ssl.SSLError as exc:
+                raise trio.BrokenResourceError("TLS handshake failed") from exc
+            self._queue_outgoing()
+            await self.flush()
+            return
+
+    def send_nowait(self, data: bytes) -> bool:
+        """Encrypt ``data`` and send what the socket takes now; True if nothing waits.
+
+        Raises:
+            trio.BrokenResourceError: the connection is broken (TLS or socket error).
+        """
+        if self._broken is not None:
+            raise trio.BrokenResourceError("TLS stream broken") from self._broken
+        try:
+            self._ssl.write(data)
+        except ssl.SSLError as exc:  # SSLWantReadError: the peer wants to renegotiate
+            self._broken = exc
+            raise trio.BrokenResourceError("TLS write failed") from exc
+        self._queue_outgoing()
+        return self._send_pending()
+
+    async def flush(self) -> None:
+        """Wait until the socket has taken every pending byte."""
+        while not self._send_pending():
+            await trio.lowlevel.wait_writable(self._sock)
+
+    async def receive_some(self, max_bytes: int) -> bytes:
+        """Decrypted bytes (b"" at the end of the stream)."""
+        while True:
+            try:
+                return self._ssl.read(max_bytes)
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLZeroReturnError:
+                return b""
+            except ssl.SSLError as exc:
+                self._broken = exc
+                raise trio.BrokenResourceError("TLS read failed") from exc
+            # What reading produced to send (a TLS 1.3 KeyUpdate answer) goes out first.
+            self._queue_outgoing()
+            self._send_pending()
+            if not await self._receive_into_bio():
+                return b""  # the peer closed without close_notify: an end all the same
+
+    async def aclose(self) -> None:
+        """Say close_notify (best effort, bounded by the caller) and close the socket."""
+        try:
+            if self._broken is None:
+                with contextlib.suppress(ssl.SSLError):
+                    self._ssl.unwrap()
+                self._queue_outgoing()
+                await self.flush()
+        finally:
+            self.close_now()
+
+    def close_now(self) -> None:
+        self._sock.close()
+
+    def _queue_outgoing(self) -> None:
+        if self._outgoing.pending:
+            self._pending += self._outgoing.read()
+
+    def _send_pending(self) -> bool:
+        while self._pending:
+            try:
+                sent = os.write(self._sock.fileno(), self._pending)
+            except BlockingIOError:
+                return False
+            except OSError as exc:
+                self._broken = exc
+                raise trio.BrokenResourceError("connection lost") from exc
+            del self._pending[:sent]
+        return True
+
+    async def _receive_into_bio(self) -> bool:
+        try:
+            data = await self._sock.recv(_READ_SIZE)
+        except OSError as exc:
+            self._broken = exc
+            raise trio.BrokenResourceError("connection lost") from exc
+        if not data:
+            self._incoming.write_eof()
+            return False
+        self._incoming.write(data)
+        return True
+
+
 class _ClientH2Connection(h2.connection.H2Connection):
     """h2 with an O(1) open-stream count.
 
@@ -677,12 +807,13 @@ class _Connection:
             h2.settings.SettingCodes.ENABLE_PUSH: 0,
         })
         self._splitter = _FrameSplitter(self._h2.max_inbound_frame_size)
-        self._tls: trio.SSLStream[trio.SocketStream] | None = None
+        self._tls: _TlsStream | None = None
         self._scope: trio.CancelScope | None = None
         self._streams: dict[int, _Stream] = {}
-        self._outbox = bytearray()
+        self._outbox = bytearray()  # h2 bytes the writer sends next (a burst, coalesced)
+        self._last_direct = -math.inf  # when _flush_h2 last sent from its caller's task
         self._queued = 0  # bytes ever queued for the socket
-        self._handed = 0  # bytes ever handed to send_all
+        self._handed = 0  # bytes ever handed to the TLS stream (encrypted, sent or pending)
         self._wake_writer = trio.Event()
         self._slots = trio.lowlevel.ParkingLot()
         self._window = trio.lowlevel.ParkingLot()
@@ -751,23 +882,23 @@ class _Connection:
         if not started:
             raise _ConnectFailed(self._close_reason)
 
-    async def _connect(self) -> trio.SSLStream[trio.SocketStream]:
+    async def _connect(self) -> _TlsStream:
         ep = self._endpoint
         try:
             with trio.fail_after(self._settings.connect_timeout):
-                tls = await trio.open_ssl_over_tcp_stream(
-                    ep.host, ep.port, ssl_context=self._ssl_context, https_compatible=True)
+                tcp = await trio.open_tcp_stream(ep.host, ep.port)
+                tls = _TlsStream(tcp.socket, self._ssl_context, ep.host)
                 try:
                     await tls.do_handshake()
                 except BaseException:
-                    await trio.aclose_forcefully(tls)
+                    tls.close_now()
                     raise
         except trio.TooSlowError:
             raise _ConnectFailed("connect timeout") from None
         except (OSError, trio.BrokenResourceError) as exc:
             raise _ConnectFailed(_describe(exc)) from None
         if tls.selected_alpn_protocol() != "h2":
-            await trio.aclose_forcefully(tls)
+            tls.close_now()
             raise _ConnectFailed("server did not offer HTTP/2 (ALPN h2)")
         return tls
 
@@ -803,12 +934,11 @@ class _Connection:
             try:
                 if self._transport_ok:
                     self._h2.close_connection()
-                    await tls.send_all(self._h2.data_to_send())
+                    tls.send_nowait(self._h2.data_to_send())
                 await tls.aclose()
-            except (h2.exceptions.H2Error, trio.BrokenResourceError, trio.ClosedResourceError,
-                    trio.BusyResourceError, OSError):
+            except (h2.exceptions.H2Error, trio.BrokenResourceError, OSError):
                 pass
-        await trio.aclose_forcefully(tls)
+        tls.close_now()
 
     # -- tasks
 
@@ -829,6 +959,7 @@ class _Connection:
             self.close(f"HTTP/2 protocol error ({type(exc).__name__})")
 
     async def _write_loop(self) -> None:
+        """Send what ``_flush_h2`` queued, and what the socket could not take at once."""
         assert self._tls is not None
         try:
             while True:
@@ -837,8 +968,8 @@ class _Connection:
                 if self._outbox:
                     data = bytes(self._outbox)
                     self._outbox.clear()
-                    self._handed += len(data)
-                    await self._tls.send_all(data)
+                    self._hand(data)
+                await self._tls.flush()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._transport_ok = False
             self.close(f"connection lost ({_describe(exc)})")
@@ -934,11 +1065,33 @@ class _Connection:
     # -- outbound
 
     def _flush_h2(self) -> None:
+        """Send what h2 has queued: from the caller's task when the connection was quiet
+        (a push is on the wire before the call's task moves on), else through the writer
+        task, which sends everything queued meanwhile as one write (a burst of pushes then
+        costs one TLS record and one syscall, not one each)."""
         data = self._h2.data_to_send()
-        if data:
+        if not data:
+            return
+        self._queued += len(data)
+        now = trio.current_time()
+        if self._outbox or now - self._last_direct < _COALESCE_AFTER:
             self._outbox += data
-            self._queued += len(data)
             self._wake_writer.set()
+            return
+        self._last_direct = now
+        self._hand(data)
+
+    def _hand(self, data: bytes) -> None:
+        tls = self._tls
+        if tls is None or not self._transport_ok:
+            return  # dying: what is left is failed by _fail_streams
+        self._handed += len(data)
+        try:
+            if not tls.send_nowait(data):
+                self._wake_writer.set()  # the socket is full: the writer waits for room
+        except trio.BrokenResourceError as exc:
+            self._transport_ok = False
+            self.close(f"connection lost ({_describe(exc)})")
 
     async def exchange(self, ex: _Exchange, headers: list[tuple[bytes, bytes]],
                        body: bytes) -> None:

@@ -7,6 +7,7 @@ import base64
 import collections
 import json
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ import attrs
 import h2.errors
 import pytest
 import trio
+import trio.testing
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
@@ -25,9 +27,13 @@ from sipis.push.apns import (
     ApnsClient,
     ApnsSettings,
     ApnsTokenProvider,
+    _Connection,
+    _Endpoint,
+    _TlsStream,
     build_payload,
     build_request,
     collapse_id,
+    make_ssl_context,
     parse_response,
 )
 from sipis.push.base import (
@@ -716,3 +722,100 @@ def test_request_header_blocks_decode_to_the_headers_and_leave_no_decoder_state(
         never = {h[0] for h in decoded if isinstance(h, hpack.NeverIndexedHeaderTuple)}
         assert never == {b":path", b"authorization", b"apns-id"}
         assert len(decoder.header_table.dynamic_entries) == 0
+
+
+# --- the connection's writes ----------------------------------------------------------------
+
+class RecordingTls:
+    """Stands in for ``_TlsStream``: records what the connection hands it."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.pending = 0
+
+    def send_nowait(self, data: bytes) -> bool:
+        self.writes.append(data)
+        return True
+
+    async def flush(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+def quiet_connection() -> tuple[Any, RecordingTls]:
+    conn = _Connection(_Endpoint.parse("https://127.0.0.1:1", "url"), make_ssl_context(),
+                       conn_id=1, settings=ApnsSettings(
+                           team_id=TEAM_ID, key_id=KEY_ID, key_file=Path("unused"),
+                           production_url="https://127.0.0.1:1"),
+                       on_closed=lambda _: None)
+    tls = RecordingTls()
+    conn._tls = tls
+    return conn, tls
+
+
+async def test_a_write_on_a_quiet_connection_goes_out_from_the_callers_task(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """A push on a quiet connection reaches the socket before its task yields (no writer
+    task in between); writes that follow within _COALESCE_AFTER wait for the writer and go
+    out together, so a burst costs one TLS record, and a quiet one is direct again."""
+    conn, tls = quiet_connection()
+    conn._h2.initiate_connection()
+    conn._flush_h2()
+    assert len(tls.writes) == 1 and conn._handed == conn._queued
+    assert not conn._wake_writer.is_set()
+    for n in range(3):  # a burst: queued for the writer, in order
+        conn._h2.ping(b"burst-%02d" % n)
+        conn._flush_h2()
+    assert len(tls.writes) == 1 and conn._wake_writer.is_set()
+    assert len(conn._outbox) == conn._queued - conn._handed > 0
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(conn._write_loop)
+        await trio.sleep(0.01)
+        assert len(tls.writes) == 2 and b"burst-02" in tls.writes[1]  # the burst, as one
+        assert conn._handed == conn._queued and not conn._outbox
+        conn._h2.ping(b"quiet-01")
+        conn._flush_h2()
+        assert len(tls.writes) == 3 and b"quiet-01" in tls.writes[2]
+        nursery.cancel_scope.cancel()
+
+
+async def test_tls_stream_sends_what_the_socket_takes_and_flushes_the_rest(
+        tmp_path: Path) -> None:
+    """``_TlsStream`` against a trio TLS server: a send larger than the socket buffers
+    leaves bytes pending (send_nowait False) until the peer reads and ``flush`` finishes;
+    the peer gets every byte in order; its close reads as b""."""
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    received = bytearray()
+    may_read = trio.Event()
+
+    async def serve(stream: trio.SocketStream) -> None:
+        tls = trio.SSLStream(stream, server_ctx, server_side=True)
+        await tls.do_handshake()
+        await may_read.wait()
+        while len(received) < len(payload):
+            received.extend(await tls.receive_some(65536))
+        await tls.aclose()
+
+    payload = bytes(range(256)) * 40_000  # 10 MB: more than loopback buffers hold
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, serve, listeners)
+        tcp = await trio.open_tcp_stream("127.0.0.1", port)
+        tls = _TlsStream(tcp.socket, client_ctx, "127.0.0.1")
+        await tls.do_handshake()
+        assert tls.send_nowait(payload) is False and tls.pending > 0
+        may_read.set()
+        with trio.fail_after(10):
+            await tls.flush()
+            assert tls.pending == 0
+            assert await tls.receive_some(100) == b""
+        assert bytes(received) == payload
+        tls.close_now()
+        nursery.cancel_scope.cancel()
