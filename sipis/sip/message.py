@@ -32,7 +32,7 @@ import attrs
 
 from sipis import fastenum
 from sipis.sip.errors import SipParseError
-from sipis.sip.headers import URI, Address, CSeq, Via
+from sipis.sip.headers import URI, Address, CSeq, Via, check_address
 
 __all__ = [
     "COMPACT_FORMS",
@@ -567,8 +567,8 @@ def _validate(headers: Headers, method: str | None) -> None:
     call_id = first["call-id"]
     if not call_id or " " in call_id or "\t" in call_id:
         raise SipParseError("invalid Call-ID", offending=call_id)
-    Address.parse(first["from"])
-    Address.parse(first["to"])
+    check_address(first["from"])
+    check_address(first["to"])
     elements = 0
     for value in vias:
         for via in split_header_list(value):

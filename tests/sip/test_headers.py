@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hypothesis
 import pytest
+from hypothesis import strategies as st
 
 from sipis.sip.errors import (
     DigestError,
@@ -13,7 +15,16 @@ from sipis.sip.errors import (
     TransportError,
     excerpt,
 )
-from sipis.sip.headers import URI, Address, CSeq, Via, quote, unquote
+from sipis.sip.headers import (
+    _PLAIN_ADDRESS_RE,
+    URI,
+    Address,
+    CSeq,
+    Via,
+    check_address,
+    quote,
+    unquote,
+)
 
 # ---------------------------------------------------------------------------------------------
 # URI
@@ -487,3 +498,35 @@ def test_transport_error_carries_the_flow() -> None:
     flow = object()
     assert TransportError("reset", flow=flow).flow is flow
     assert TransportError("reset").flow is None
+
+
+# --- check_address: the regex fast path of From/To validation --------------------------------
+
+@hypothesis.settings(max_examples=400, deadline=None,
+                     suppress_health_check=[hypothesis.HealthCheck.too_slow])
+@hypothesis.given(text=st.from_regex(_PLAIN_ADDRESS_RE, fullmatch=True))
+def test_what_the_plain_address_regex_accepts_the_full_parser_accepts(text: str) -> None:
+    """The fast path never lets through a value ``Address.parse`` would refuse."""
+    Address.parse(text)
+    check_address(text)
+
+
+@pytest.mark.parametrize("text", [
+    "<sip:user1@bench.test>;tag=0123abcd",
+    '"Bob" <sip:bob@sip.test>;tag=caller',
+    "<sip:alice@127.0.0.1:5060;transport=udp>;expires=3600",
+    '<sip:tok@10.0.0.1:5070>;+sip.instance="<urn:uuid:1>"',
+])
+def test_everyday_from_and_to_values_take_the_fast_path(text: str) -> None:
+    assert _PLAIN_ADDRESS_RE.fullmatch(text)
+
+
+@pytest.mark.parametrize("text", [
+    "<sip:a@1.2.3.256>", "<sip:a@host:65536>", "<sip:a@-bad.test>", '"unterminated <sip:a@b>',
+    "<sip:a@b", "<sip:a@b>;=x",
+])
+def test_check_address_refuses_what_the_parser_refuses(text: str) -> None:
+    with pytest.raises(SipParseError):
+        Address.parse(text)
+    with pytest.raises(SipParseError):
+        check_address(text)
