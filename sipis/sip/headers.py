@@ -203,6 +203,7 @@ _MEMO_SIZE = 4096
 _URI_MEMO: dict[str, URI] = {}
 _ADDRESS_MEMO: dict[str, Address] = {}
 _VIA_MEMO: dict[str, Via] = {}
+_CSEQ_MEMO: dict[str, CSeq] = {}
 
 
 def _memo(table: dict[str, _T], parse: Callable[[str], _T], text: str) -> _T:
@@ -338,6 +339,16 @@ _PLAIN_ADDRESS_RE = re.compile(
 )
 
 
+_PLAIN_HOST = (rf"(?:(?:{_PLAIN_LABEL}\.)*[A-Za-z](?:[A-Za-z0-9_\-]*[A-Za-z0-9])?"
+               rf"|(?:{_OCTET}\.){{3}}{_OCTET})")
+_PLAIN_PORT = (r"(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}"
+               r"|[1-9][0-9]{0,3}|0)")
+#: The everyday head of a Via (``SIP/2.0/UDP host[:port]`` right before ``;`` or the end):
+#: a subset of what ``Via._parse`` accepts there, parsed by one match.
+_PLAIN_VIA_RE = re.compile(
+    rf"SIP/2\.0/([A-Za-z]+) ({_PLAIN_HOST})(?::({_PLAIN_PORT}))?(?=;|$)")
+
+
 def check_address(text: str) -> None:
     """Raise ``SipParseError`` unless ``text`` is a valid From/To/Contact value.
 
@@ -363,6 +374,9 @@ class URI:
     params: Params = ()
     headers: tuple[tuple[str, str], ...] = ()
     password: str | None = None
+    # str(self), kept once made: a binding's AOR, registrar and Contact are written into
+    # every REGISTER (~6 formats per registration).
+    _text: str | None = attrs.field(default=None, init=False, eq=False, repr=False)
 
     @classmethod
     def parse(cls, text: str) -> URI:
@@ -445,6 +459,13 @@ class URI:
         return cls("tel", number, "", None, _parse_uri_params(rest[len(number):], text))
 
     def __str__(self) -> str:
+        text = self._text
+        if text is None:
+            text = self._format()
+            object.__setattr__(self, "_text", text)
+        return text
+
+    def _format(self) -> str:
         params = _format_params(self.params)
         if self.scheme == "tel":
             return f"tel:{self.user or ''}{params}"
@@ -617,6 +638,16 @@ class Via:
         Raises:
             SipParseError: malformed value, a protocol other than SIP/2.0, or a bad rport.
         """
+        plain = _PLAIN_VIA_RE.match(text)
+        if plain is not None:  # "SIP/2.0/UDP host[:port]" in its everyday shape
+            port_text = plain.group(3)
+            return cls._with_params(text, plain.end(), plain.group(1).upper(), plain.group(2),
+                                    None if port_text is None else int(port_text))
+        return cls._parse_slowly(text)
+
+    @classmethod
+    def _parse_slowly(cls, text: str) -> Via:
+        """Any via-parm, piece by piece, saying what is wrong."""
         pos = _skip_ws(text, 0)
         m = _SENT_PROTOCOL_RE.match(text, pos)
         if m is None:
@@ -650,6 +681,11 @@ class Via:
                 raise SipParseError("invalid port in Via", offending=text)
             port = _parse_port(dm.group(), text)
             pos = dm.end()
+        return cls._with_params(text, pos, transport, host, port)
+
+    @classmethod
+    def _with_params(cls, text: str, pos: int, transport: str, host: str,
+                     port: int | None) -> Via:
         params = _parse_header_params(text, pos, "Via")
         found, rport = _find_param(params, "rport")
         if found and rport is not None:
@@ -718,6 +754,12 @@ class CSeq:
 
     @classmethod
     def parse(cls, text: str) -> CSeq:
+        """Parse (see ``_parse``); memoised: a message's CSeq is read several times, and
+        values such as ``2 REGISTER`` recur."""
+        return _memo(_CSEQ_MEMO, cls._parse, text)
+
+    @classmethod
+    def _parse(cls, text: str) -> CSeq:
         """Parse ``1*DIGIT LWS Method``.
 
         Raises:

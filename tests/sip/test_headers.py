@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import attrs
 import hypothesis
 import pytest
 from hypothesis import strategies as st
@@ -17,6 +18,7 @@ from sipis.sip.errors import (
 )
 from sipis.sip.headers import (
     _PLAIN_ADDRESS_RE,
+    _PLAIN_VIA_RE,
     URI,
     Address,
     CSeq,
@@ -530,3 +532,33 @@ def test_check_address_refuses_what_the_parser_refuses(text: str) -> None:
         Address.parse(text)
     with pytest.raises(SipParseError):
         check_address(text)
+
+
+_VIA_TAIL = st.lists(st.sampled_from([
+    ";branch=z9hG4bK1", ";rport", ";rport=5070", ";rport=99999", ";received=10.0.0.1", " ;lr",
+    ";maddr=h.test", ";x", ";=", ":5060", " :5060", ".", "_x", ";ttl=\"1\"", ",",
+]), max_size=4).map("".join)
+
+
+@hypothesis.settings(max_examples=400, deadline=None,
+                     suppress_health_check=[hypothesis.HealthCheck.too_slow])
+@hypothesis.given(head=st.from_regex(_PLAIN_VIA_RE, fullmatch=True), tail=_VIA_TAIL)
+def test_the_plain_via_fast_path_parses_as_the_exact_parser(head: str, tail: str) -> None:
+    """Same Via or the same refusal, whichever path parses it."""
+    text = head + tail
+    try:
+        expected = Via._parse_slowly(text)
+    except SipParseError:
+        with pytest.raises(SipParseError):
+            Via._parse(text)
+        return
+    assert Via._parse(text) == expected
+
+
+def test_uri_text_is_kept_once_made_and_not_carried_by_evolve() -> None:
+    uri = URI.parse("sip:alice@sip.test:5070;transport=tcp")
+    assert str(uri) == uri._format() == "sip:alice@sip.test:5070;transport=tcp"
+    assert str(uri) is str(uri)
+    other = attrs.evolve(uri, port=5080)
+    assert str(other) == "sip:alice@sip.test:5080;transport=tcp"
+    assert other != uri and URI.parse(str(uri)) == uri
