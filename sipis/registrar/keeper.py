@@ -450,13 +450,7 @@ class RegistrationKeeper:
             return
         try:
             self._use_transport(entry, targets)
-            now = trio.current_time()
-            if entry.needs_start:
-                entry.needs_start = False
-                actions = entry.binding.start(now)
-            else:
-                actions = entry.binding.on_timer(now)
-            queue = collections.deque(self._apply_local(entry, actions))
+            queue = collections.deque(self._apply_local(entry, self._due_actions(entry)))
             self._go_on(entry, queue, targets, prepaid=prepaid, slot=slot)
         except Exception:
             log.exception("instance=%s: registration step failed", _short(entry.record.id))
@@ -502,6 +496,15 @@ class RegistrationKeeper:
         except (TransportError, SipParseError) as exc:
             answered(exc)
 
+    @staticmethod
+    def _due_actions(entry: _Entry) -> list[Action]:
+        """What the binding does now that it is due: its first REGISTER, or a refresh/retry."""
+        now = trio.current_time()
+        if entry.needs_start:
+            entry.needs_start = False
+            return entry.binding.start(now)
+        return entry.binding.on_timer(now)
+
     def _drive_ended(self, entry: _Entry, slot: bool) -> None:
         entry.busy = False
         if slot:
@@ -520,13 +523,7 @@ class RegistrationKeeper:
     async def _drive(self, entry: _Entry, prepaid: bool, slot: bool = False) -> None:
         try:
             resolved = await self._resolve_contact(entry)
-            now = trio.current_time()
-            if entry.needs_start:
-                entry.needs_start = False
-                actions = entry.binding.start(now)
-            else:
-                actions = entry.binding.on_timer(now)
-            sends = self._apply_local(entry, actions)
+            sends = self._apply_local(entry, self._due_actions(entry))
             await self._send_all(entry, sends, prepaid=prepaid, resolved=resolved)
         finally:
             self._drive_ended(entry, slot)

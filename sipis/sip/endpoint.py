@@ -78,7 +78,7 @@ import math
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 import attrs
 import trio
@@ -559,31 +559,8 @@ class SipEndpoint:
             ValueError: an INVITE or ACK (see ``invite``, ``send_request_stateless``), or
                 ``replace_top_via`` on a request whose top Via is not ours.
         """
-        await trio.lowlevel.checkpoint_if_cancelled()
-        task = trio.lowlevel.current_task()
-        ended: list[ClientResult | SipError] = []
-        parked = False
-
-        def done(result: ClientResult | SipError) -> None:
-            ended.append(result)
-            if parked:
-                trio.lowlevel.reschedule(task)
-
-        abandon = self.start_request(request, targets, done, replace_top_via=replace_top_via)
-        if ended:
-            await trio.lowlevel.cancel_shielded_checkpoint()
-        else:
-            parked = True
-
-            def abort(_: object) -> trio.lowlevel.Abort:
-                abandon()
-                return trio.lowlevel.Abort.SUCCEEDED
-
-            await trio.lowlevel.wait_task_rescheduled(abort)
-        result = ended[0]
-        if isinstance(result, SipError):
-            raise result
-        return result
+        return await _reported(lambda done: self.start_request(
+            request, targets, done, replace_top_via=replace_top_via))
 
     def start_request(
         self, request: SipRequest, targets: Sequence[Target | Destination],
@@ -627,31 +604,8 @@ class SipEndpoint:
         The transaction runs without this task (``_NonInviteClient``): the task only sleeps
         until its end is reported. Cancelling the wait abandons the transaction.
         """
-        await trio.lowlevel.checkpoint_if_cancelled()
-        task = trio.lowlevel.current_task()
-        ended: list[tuple[SipResponse, FlowKey | None] | SipError] = []
-        parked = False
-
-        def done(result: tuple[SipResponse, FlowKey | None] | SipError) -> None:
-            ended.append(result)
-            if parked:
-                trio.lowlevel.reschedule(task)
-
-        client = self._start_non_invite(outgoing, branch, dest, done)
-        if ended:
-            await trio.lowlevel.cancel_shielded_checkpoint()
-        else:
-            parked = True
-
-            def abort(_: object) -> trio.lowlevel.Abort:
-                client.abandon()
-                return trio.lowlevel.Abort.SUCCEEDED
-
-            await trio.lowlevel.wait_task_rescheduled(abort)
-        result = ended[0]
-        if isinstance(result, SipError):
-            raise result
-        return result
+        return await _reported(
+            lambda done: self._start_non_invite(outgoing, branch, dest, done).abandon)
 
     def _start_non_invite(
         self, outgoing: SipRequest, branch: str, dest: Destination,
@@ -1283,6 +1237,44 @@ def _busy(request: SipRequest) -> SipResponse:
     busy = make_response(request, 503, to_tag=new_tag())
     busy.headers.add("Retry-After", "5")
     return busy
+
+
+_R = TypeVar("_R")
+
+
+async def _reported(start: Callable[[Callable[[_R | SipError], None]], Callable[[], None]]
+                    ) -> _R:
+    """Run something that reports its end through a callback (a task-less transaction),
+    with this task asleep until then; cancelling the wait abandons it.
+
+    ``start(done)`` starts it and returns its abandon function; ``done`` gets the result or
+    the ``SipError`` to raise, once (maybe before ``start`` returns).
+    """
+    await trio.lowlevel.checkpoint_if_cancelled()
+    task = trio.lowlevel.current_task()
+    ended: list[_R | SipError] = []
+    parked = False
+
+    def done(result: _R | SipError) -> None:
+        ended.append(result)
+        if parked:
+            trio.lowlevel.reschedule(task)
+
+    abandon = start(done)
+    if ended:
+        await trio.lowlevel.cancel_shielded_checkpoint()
+    else:
+        parked = True
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            abandon()
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+    result = ended[0]
+    if isinstance(result, SipError):
+        raise result
+    return result
 
 
 class _Failover:
