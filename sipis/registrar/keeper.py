@@ -226,12 +226,15 @@ class RegistrationKeeper:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the dispatcher and the flow watcher until cancelled."""
         self._wall_offset = time.time() - trio.current_time()
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            nursery.start_soon(self._watch_flows)
-            nursery.start_soon(self._dispatch)
-            nursery.start_soon(self._write_statuses)
-            task_status.started()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._watch_flows)
+                nursery.start_soon(self._dispatch)
+                nursery.start_soon(self._write_statuses)
+                task_status.started()
+        finally:
+            self._nursery = None  # answers still in flight end their drives quietly
 
     def reconfigure(self, config: KeeperConfig) -> None:
         """New registrar settings (SIGHUP): rate and policy apply to the next REGISTERs."""
@@ -459,7 +462,7 @@ class RegistrationKeeper:
     def _go_on(self, entry: _Entry, queue: collections.deque[SendRegister],
                targets: Sequence[Target], *, prepaid: bool, slot: bool) -> None:
         """The task-less drive (``_send_all`` without a task): send the next REGISTER; its
-        answer comes back to ``_answered``."""
+        answer comes back to ``answered``, which goes on from there."""
         if not queue:
             self._persist(entry)
             self._drive_ended(entry, slot)
@@ -516,7 +519,8 @@ class RegistrationKeeper:
         if sends:
             if entry.busy:
                 return  # the driving task is mid-transaction; it sends the next REGISTER
-            assert self._nursery is not None
+            if self._nursery is None:
+                return  # the keeper has stopped (shutdown): nothing more goes out
             entry.busy = True
             self._nursery.start_soon(self._drive_sends, entry, sends)
 

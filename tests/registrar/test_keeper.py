@@ -425,3 +425,21 @@ async def test_registered_since_tells_the_sweeper_state_and_last_success_cheaply
         assert answer is not None and status is not None
         assert answer == (True, status.last_registered_at)
         nursery.cancel_scope.cancel()
+
+
+async def test_after_the_keeper_stops_a_remove_sends_nothing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Shutdown unregisters nothing: a wipe arriving after the keeper stopped forgets the
+    instance without a REGISTER and without an error."""
+    registrar = FakeRegistrar()
+    async with trio.open_nursery() as nursery:
+        keeper = await start_keeper(nursery, registrar)
+        assert (await keeper.register_first(record(1))).registered
+        nursery.cancel_scope.cancel()
+    seen = len(registrar.seen)
+    await keeper.remove("inst000001", wait=False)
+    await trio.sleep(5)
+    assert len(registrar.seen) == seen
+    assert not keeper.is_kept("inst000001")
+    assert registrar.bindings.keys() == {"tok1"}
