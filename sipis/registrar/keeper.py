@@ -475,8 +475,6 @@ class RegistrationKeeper:
         send = queue.popleft()
         self.registers_sent += 1
         started = trio.current_time()
-        contact_transport = entry.binding.params.contact.uri.transport or "udp"
-        usable = [t for t in targets if t.transport == contact_transport]
 
         def answered(outcome: object) -> None:
             try:
@@ -490,14 +488,23 @@ class RegistrationKeeper:
                 log.exception("instance=%s: registration step failed", _short(entry.record.id))
                 self._drive_ended(entry, slot)
 
-        if not usable:
-            answered(ResolveError(
-                f"no {contact_transport} target for {entry.target_uri.host}"))
-            return
         try:
-            self._endpoint.start_request(send.request, usable, answered)
-        except (TransportError, SipParseError) as exc:
+            self._endpoint.start_request(send.request, self._usable(entry, targets), answered)
+        except (ResolveError, TransportError, SipParseError) as exc:
             answered(exc)
+
+    @staticmethod
+    def _usable(entry: _Entry, targets: Sequence[Target]) -> list[Target]:
+        """The targets on the Contact's transport (the registrar answers on it).
+
+        Raises:
+            ResolveError: none is.
+        """
+        transport = entry.binding.params.contact.uri.transport or "udp"
+        usable = [t for t in targets if t.transport == transport]
+        if not usable:
+            raise ResolveError(f"no {transport} target for {entry.target_uri.host}")
+        return usable
 
     @staticmethod
     def _due_actions(entry: _Entry) -> list[Action]:
@@ -586,7 +593,6 @@ class RegistrationKeeper:
         """One REGISTER transaction; ``resolved`` holds this drive's resolution (filled here
         when empty)."""
         self.registers_sent += 1
-        contact_transport = entry.binding.params.contact.uri.transport or "udp"
         started = trio.current_time()
         try:
             if resolved:
@@ -595,10 +601,8 @@ class RegistrationKeeper:
                 everywhere = await self._resolver.resolve(entry.target_uri)
                 if resolved is not None:
                     resolved.append(everywhere)
-            targets = [t for t in everywhere if t.transport == contact_transport]
-            if not targets:
-                raise ResolveError(f"no {contact_transport} target for {entry.target_uri.host}")
-            result: object = await self._endpoint.request(request, targets)
+            result: object = await self._endpoint.request(
+                request, self._usable(entry, everywhere))
         except (ResolveError, TransactionTimeout, TransportError, SipParseError) as exc:
             result = exc
         return self._transaction_ended(entry, result, started)

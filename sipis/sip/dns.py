@@ -243,9 +243,9 @@ class SipResolver:
             ResolveError: a non-SIP URI, an unsupported transport, a DNS timeout, or no
                 address at all.
         """
-        now = self.resolve_now(uri)
-        if now is not None:
-            return now
+        literal = self.resolve_now(uri)
+        if literal is not None:
+            return literal
         host = uri.host.rstrip(".")
         if self._resolver is None:
             raise ResolveError(self._config_error or "no DNS configuration")

@@ -324,25 +324,22 @@ def _parse_uri_headers(text: str, whole: str) -> tuple[tuple[str, str], ...]:
 _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 _PLAIN_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9_\-]*[A-Za-z0-9])?"
 _PLAIN_WORD = r"[A-Za-z0-9\-.!%*_+`'~]+"
-#: The everyday shape of From/To, a subset of what ``Address.parse`` accepts:
-#: ``["display"] <sip:user@host[:port][;p=v]...>[;p=v]...``, no escapes anywhere, a host
-#: whose last label starts with a letter (never IPv4-shaped) or a dotted-quad IPv4.
-_PLAIN_ADDRESS_RE = re.compile(
-    r'(?:"[^"\\]*"[ \t]*)?<sips?:'
-    r"(?:[A-Za-z0-9\-_.!~*'()&=+$,]+@)?"
-    rf"(?:(?:{_PLAIN_LABEL}\.)*[A-Za-z](?:[A-Za-z0-9_\-]*[A-Za-z0-9])?"
-    rf"|(?:{_OCTET}\.){{3}}{_OCTET})"
-    r"(?::(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}"
-    r"|[1-9][0-9]{0,3}|0))?"
-    r"(?:;[A-Za-z0-9\-_.!~*'()]+(?:=[A-Za-z0-9\-_.!~*'()]+)?)*>"
-    rf'(?:;{_PLAIN_WORD}(?:=(?:{_PLAIN_WORD}|"[^"\\]*"))?)*'
-)
-
-
+#: A host the fast paths take: a name whose last label starts with a letter (never
+#: IPv4-shaped), or a dotted-quad IPv4 without leading zeros; and a port in 0..65535.
 _PLAIN_HOST = (rf"(?:(?:{_PLAIN_LABEL}\.)*[A-Za-z](?:[A-Za-z0-9_\-]*[A-Za-z0-9])?"
                rf"|(?:{_OCTET}\.){{3}}{_OCTET})")
 _PLAIN_PORT = (r"(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}"
                r"|[1-9][0-9]{0,3}|0)")
+#: The everyday shape of From/To, a subset of what ``Address.parse`` accepts:
+#: ``["display"] <sip:user@host[:port][;p=v]...>[;p=v]...``, no escapes anywhere.
+_PLAIN_ADDRESS_RE = re.compile(
+    r'(?:"[^"\\]*"[ \t]*)?<sips?:'
+    r"(?:[A-Za-z0-9\-_.!~*'()&=+$,]+@)?"
+    rf"{_PLAIN_HOST}(?::{_PLAIN_PORT})?"
+    r"(?:;[A-Za-z0-9\-_.!~*'()]+(?:=[A-Za-z0-9\-_.!~*'()]+)?)*>"
+    rf'(?:;{_PLAIN_WORD}(?:=(?:{_PLAIN_WORD}|"[^"\\]*"))?)*'
+)
+
 #: The everyday head of a Via (``SIP/2.0/UDP host[:port]`` right before ``;`` or the end):
 #: a subset of what ``Via._parse`` accepts there, parsed by one match.
 _PLAIN_VIA_RE = re.compile(
