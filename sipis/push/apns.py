@@ -1116,10 +1116,10 @@ class _Connection:
             raise _Unprocessed("HTTP/2 state error") from None
         stream = ex.stream = self._streams[stream_id] = _Stream(stream_id)
         try:
-            self._flush_h2()
-            if body:
+            if body:  # HEADERS leave with the first DATA: one TLS record, one write
                 await self._send_body(stream, body)
             else:
+                self._flush_h2()
                 stream.end_offset = self._queued
             await stream.done.wait()
         finally:
@@ -1135,6 +1135,7 @@ class _Connection:
                 window = min(self._h2.local_flow_control_window(stream.id),
                              self._h2.max_outbound_frame_size)
                 if window <= 0:
+                    self._flush_h2()  # what is queued (our HEADERS) goes while we wait
                     await self._window.park()
                     continue
                 chunk = body[offset:offset + window]

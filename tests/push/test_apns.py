@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import h2.config
+import h2.connection
 import h2.errors
 import pytest
 import trio
@@ -29,6 +31,7 @@ from sipis.push.apns import (
     ApnsTokenProvider,
     _Connection,
     _Endpoint,
+    _Exchange,
     _TlsStream,
     build_payload,
     build_request,
@@ -775,6 +778,36 @@ async def test_a_write_on_a_quiet_connection_goes_out_from_the_callers_task(
         conn._h2.ping(b"quiet-01")
         conn._flush_h2()
         assert len(tls.writes) == 3 and b"quiet-01" in tls.writes[2]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_push_on_a_quiet_connection_is_one_write(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """HEADERS and the DATA that ends the stream leave together: one TLS record and one
+    syscall per push, and the push is on the wire before its task yields (the DATA used to
+    wait for the writer task, as a write right after the HEADERS)."""
+    import h2.events
+
+    conn, tls = quiet_connection()
+    conn._h2.initiate_connection()
+    conn._flush_h2()
+    conn._ready.set()
+    autojump_clock.jump(1.0)  # the preface is long gone: the connection is quiet
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    server.initiate_connection()
+    server.receive_data(tls.writes[0])
+    writes = len(tls.writes)
+    headers = [(b":method", b"POST"), (b":scheme", b"https"), (b":authority", b"apns"),
+               (b":path", b"/3/device/" + b"a" * 64)]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(conn.exchange, _Exchange(), headers, b'{"aps":{}}')
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(tls.writes) == writes + 1  # one write, from the pushing task
+        events = server.receive_data(tls.writes[-1])
+        kinds = [type(e) for e in events]
+        assert h2.events.RequestReceived in kinds and h2.events.StreamEnded in kinds
+        assert [e.data for e in events if isinstance(e, h2.events.DataReceived)] == [
+            b'{"aps":{}}']
         nursery.cancel_scope.cancel()
 
 
