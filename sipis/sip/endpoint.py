@@ -1158,8 +1158,9 @@ class SipEndpoint:
         record.wake_at = None
         if self._server.get(record.key) is record:
             del self._server[record.key]
-        if record.handle is not None:
-            record.handle._ended(outcome)
+        handle, record.handle = record.handle, None  # handle → record → handle: a cycle
+        if handle is not None:
+            handle._ended(outcome)
 
     # -- server timers --
 
@@ -1659,6 +1660,7 @@ class ServerInviteHandle:
         self._ack_or_end.set()
 
     def _ended(self, outcome: TxOutcome | None) -> None:
+        self._on_cancel = None  # it may refer to this handle: no cycle outlives the transaction
         self._ack_or_end.set()
         self.terminated.set()
 

@@ -7,6 +7,7 @@ opened) runs on 127.0.0.1.
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import socket
 from collections.abc import Awaitable, Callable
@@ -354,6 +355,58 @@ async def test_a_cancel_is_answered_200_the_handler_sends_487_and_its_ack_is_abs
     await handler.script_done.wait()
     assert seen == [ANSWERED_ELSEWHERE, True]
     assert handler.requests == []  # neither the CANCEL nor the ACK reached the handler
+
+
+async def test_finished_invite_transactions_leave_no_reference_cycles(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """An INVITE server transaction, its handle and its request are freed by reference
+    counting once it is over, cancelled or not, with a CANCEL callback that refers back to
+    the handle (as the call driver's does). A cycle per call made the daemon's collector run
+    every few seconds under load, for 50–120 ms each time (bench: INVITE → push p99)."""
+
+    class Handler:
+        async def handle_request(self, request: SipRequest, source: Source) -> None:
+            return None
+
+        async def handle_invite(self, request: SipRequest, source: Source,
+                                tx: ServerInviteHandle) -> None:
+            cancelled: list[tuple[str, str | None]] = []
+
+            def on_cancel(reason: str | None) -> None:
+                cancelled.append((tx.branch, reason))
+
+            tx.when_cancelled(on_cancel)
+            await tx.send_provisional(tx.make_response(180))
+            if request.call_id.startswith("busy"):
+                await tx.send_final(tx.make_response(486))
+                return
+            await tx.wait_cancelled()
+            await tx.send_final(tx.make_response(487))
+
+    _, peer = await memory_setup(nursery, Handler())
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for n in range(6):
+            call_id = f"{'busy' if n % 2 else 'cancel'}-{n}"
+            invite = uac_request(branch=f"z9hG4bK-cycle-{n}", call_id=call_id)
+            await peer.send(invite)
+            await peer.response(180)
+            if n % 2 == 0:
+                await peer.send(uac_request("CANCEL", branch=f"z9hG4bK-cycle-{n}",
+                                            call_id=call_id))
+            final = await peer.response(486 if n % 2 else 487)
+            await peer.send(ack_for(invite, final))
+        await trio.sleep(64)  # Timers I and J are over: every transaction has ended
+        del invite, final
+        gc.collect()
+        left = [type(o).__name__ for o in gc.garbage
+                if type(o).__module__ == "sipis.sip.endpoint"]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert left == []
 
 
 async def test_when_cancelled_calls_back_on_the_cancel_or_at_once_if_it_came(
