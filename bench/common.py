@@ -165,6 +165,27 @@ def process(cmd: list[str], *, log: Path | None = None, env: dict[str, str] | No
             out.close()
 
 
+@contextlib.contextmanager
+def cores_apart() -> Iterator[frozenset[int] | None]:
+    """Give sipis a CPU of its own while the block runs, as it has in production.
+
+    The provider, the caller and the APNs server stand in for other hosts. They run on the
+    remaining CPUs: this process moves there for the block, and the children it starts
+    inherit that. Yields the CPU for ``SipisProcess(cpus=...)``, or None when there is only
+    one CPU (then nothing moves). This process's affinity is restored afterwards.
+    """
+    mine = os.sched_getaffinity(0)
+    if len(mine) < 2:
+        yield None
+        return
+    sipis = min(mine)
+    os.sched_setaffinity(0, mine - {sipis})
+    try:
+        yield frozenset({sipis})
+    finally:
+        os.sched_setaffinity(0, mine)
+
+
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
     """SIGTERM the child, SIGKILL its group if it lingers."""
     if proc.poll() is None:

@@ -135,8 +135,10 @@ class SipisProcess:
     """``python -m bench.sipis_run -c FILE`` as a child; ready when it logs ``ready``."""
 
     def __init__(self, directory: Path, config: dict[str, Any], *,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, cpus: frozenset[int] | None = None
+                 ) -> None:
         self.directory = directory
+        self.cpus = cpus  # where it may run (bench.common.cores_apart); None: anywhere
         self.config = config
         self.config_path = directory / "sipis.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
@@ -174,6 +176,8 @@ class SipisProcess:
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True, cwd=ROOT, env={**os.environ, **self.env})
         log.close()
+        if self.cpus is not None:  # before it starts its threads: they inherit it
+            os.sched_setaffinity(self.proc.pid, self.cpus)
         deadline = started + timeout
         while True:
             if self.proc.poll() is not None:

@@ -187,7 +187,13 @@ def _install_sampler(path: str, interval: float = 0.0005) -> None:
             for key, count in inclusive.most_common(120):
                 out.write(f"{100 * count / max(1, total[0]):6.2f}%  {key}\n")
 
+    def restart(signum: int, frame: Any) -> None:
+        own.clear()
+        inclusive.clear()
+        total[0] = 0
+
     signal.signal(signal.SIGPROF, sample)
+    signal.signal(signal.SIGUSR2, restart)  # the bench's mark: forget start-up and warm-up
     signal.setitimer(signal.ITIMER_PROF, interval, interval)
     atexit.register(dump)
 
