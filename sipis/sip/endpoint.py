@@ -908,7 +908,7 @@ class SipEndpoint:
         self._server[key] = record
         self._arm(record, _CLEANUP, now + 64 * self.config.timers.t1)  # the client gives up
         if method == "CANCEL":
-            nursery.start_soon(self._answer_cancel, record)
+            self._cancel_received(record, nursery)
             return
         if self._handlers_running >= MAX_CONCURRENT_HANDLERS:
             log.warning("too many requests in progress; answering 503")
@@ -1007,23 +1007,47 @@ class SipEndpoint:
         finally:
             self._invites_running -= 1
 
-    async def _answer_cancel(self, record: _ServerTx) -> None:
-        """200 (then tell the INVITE's handle) or 481 to a new CANCEL (RFC 3261 §9.2)."""
+    def _cancel_received(self, record: _ServerTx, nursery: trio.Nursery) -> None:
+        """200 (then tell the INVITE's handle) or 481 to a new CANCEL (RFC 3261 §9.2), from
+        the receive path when the transport takes the answer at once (UDP): a task per
+        CANCEL cost a spawn and a scheduler pass per cancelled call."""
         request = record.request
         assert request is not None  # no final sent yet
         invite = self._server.get(_server_key(request, "INVITE"))
         handle = invite.handle if invite is not None else None
         if (handle is None or handle.state is InviteTxState.TERMINATED
                 or handle.request.call_id != request.call_id):
-            await self._server_send(record, make_response(request, 481, to_tag=new_tag()))
+            rest = self._server_send_now(record, make_response(request, 481, to_tag=new_tag()))
+            if isinstance(rest, list):
+                nursery.start_soon(self._transmit, record, rest)
             return
-        await self._server_send(record, make_response(request, 200, to_tag=handle.to_tag))
+        reasons = request.headers.get_all("Reason")
+        reason = ", ".join(reasons) if reasons else None
+        rest = self._server_send_now(record, make_response(request, 200, to_tag=handle.to_tag))
+        if isinstance(rest, list):  # the 200 waits for the transport: the rest after it
+            nursery.start_soon(self._cancel_answered, record, rest, handle, reason)
+            return
         if handle.state is not InviteTxState.PROCEEDING:
             return  # the final is out already: the CANCEL has no effect on the INVITE
-        reasons = request.headers.get_all("Reason")
-        handle._cancel(", ".join(reasons) if reasons else None)
-        if not handle._managed:  # a legacy handler cannot hear of it: answer for it
-            await handle.send_final(handle.make_response(487))
+        handle._cancel(reason)
+        if not handle._managed:
+            nursery.start_soon(self._cancel_for_legacy, handle)
+
+    async def _cancel_answered(self, record: _ServerTx, rest: list[bytes],
+                               handle: ServerInviteHandle, reason: str | None) -> None:
+        """The rest of ``_cancel_received`` once its 200 has been sent."""
+        with trio.CancelScope(shield=True):
+            await self._transmit(record, rest)
+        if handle.state is not InviteTxState.PROCEEDING:
+            return
+        handle._cancel(reason)
+        if not handle._managed:
+            await self._cancel_for_legacy(handle)
+
+    @staticmethod
+    async def _cancel_for_legacy(handle: ServerInviteHandle) -> None:
+        """A legacy handler cannot hear of a CANCEL: the 487 is sent for it."""
+        await handle.send_final(handle.make_response(487))
 
     async def send_response(self, response: SipResponse, source: Source) -> None:
         """Send a response to a request received from ``source`` (provisionals, late finals).
@@ -1067,6 +1091,18 @@ class SipEndpoint:
         (bounded by the transport's connect and send timeouts), so that the machine and the
         wire never disagree and a stream never carries half a message.
         """
+        rest = self._server_send_now(record, response)
+        if not isinstance(rest, list):
+            return rest
+        sent = False
+        with trio.CancelScope(shield=True):
+            sent = await self._transmit(record, rest)
+        return sent
+
+    def _server_send_now(self, record: _ServerTx, response: SipResponse) -> bool | list[bytes]:
+        """``_server_send`` up to what the transport takes at once: True if all of it went,
+        False if nothing is to go (or sending failed), else the bytes left for
+        ``_transmit``."""
         data = response.to_bytes()
         datas = self._apply(record, record.tx.send_response(
             response.status, data, trio.current_time()))
@@ -1081,12 +1117,7 @@ class SipEndpoint:
         rest = self._transmit_now(record, datas)
         if rest is None:
             return False
-        if not rest:
-            return True  # all sent at once (UDP): no task switch before the caller goes on
-        sent = False
-        with trio.CancelScope(shield=True):
-            sent = await self._transmit(record, rest)
-        return sent
+        return rest or True  # all sent at once (UDP): no task switch before the caller goes on
 
     def _apply(self, record: _ServerTx, actions: list[Action]) -> list[bytes]:
         """Carry out a server transaction's timer and end actions; return what to send."""
@@ -1509,10 +1540,11 @@ class ServerInviteHandle:
         request: the INVITE as received (top Via with ``received``/``rport``).
         source: where it came from.
         to_tag: the To tag of our own responses (the INVITE's own, for a re-INVITE).
-        cancelled: set when a matching CANCEL arrived before any final (already answered 200);
-            ``cancel_reason`` holds its ``Reason`` header values joined by ", " (RFC 3326).
-        acked: set when the ACK for our non-2xx final arrived.
-        terminated: set when the transaction has ended (``outcome`` says how).
+        cancelled: True once a matching CANCEL arrived before any final (already answered
+            200); ``cancel_reason`` holds its ``Reason`` header values joined by ", "
+            (RFC 3326).
+        acked: True once the ACK for our non-2xx final arrived.
+        terminated: True once the transaction has ended (``outcome`` says how).
         final_status: the status of the first final response sent, None before.
     """
 
@@ -1528,13 +1560,16 @@ class ServerInviteHandle:
         self.request = record.request
         self.source = record.source
         self.to_tag = self.request.to.tag or new_tag()
-        self.cancelled = trio.Event()
+        self.cancelled = False
         self.cancel_reason: str | None = None
-        self.acked = trio.Event()
-        self.terminated = trio.Event()
+        self.acked = False
+        self.terminated = False
         self.final_status: int | None = None
         self.send_failures = 0
-        self._ack_or_end = trio.Event()
+        # Made by a waiter only, set and dropped at the next change: most handles are never
+        # waited on, and three events each (with their task sets) were a tenth of what a
+        # call's transaction kept alive for Timer I.
+        self._changed: trio.Event | None = None
         self._on_cancel: Callable[[str | None], None] | None = None
 
     def __repr__(self) -> str:
@@ -1620,16 +1655,27 @@ class ServerInviteHandle:
             return sent
         return await self._endpoint._server_send(self._record, response)
 
+    async def _wait_until(self, done: Callable[[], bool]) -> None:
+        while not done():
+            if self._changed is None:
+                self._changed = trio.Event()
+            await self._changed.wait()
+
+    def _change(self) -> None:
+        changed, self._changed = self._changed, None
+        if changed is not None:
+            changed.set()
+
     async def wait_cancelled(self) -> str | None:
         """Wait for a CANCEL (already answered 200); return its ``Reason`` header, if any."""
-        await self.cancelled.wait()
+        await self._wait_until(lambda: self.cancelled)
         return self.cancel_reason
 
     def when_cancelled(self, callback: Callable[[str | None], None]) -> None:
         """Call ``callback(cancel_reason)`` once a CANCEL has come (at once if it has): a
         task-less ``wait_cancelled`` for a handler that must not block on it. One callback
         per handle; it runs in the endpoint's receive path and must not raise."""
-        if self.cancelled.is_set():
+        if self.cancelled:
             callback(self.cancel_reason)
         else:
             self._on_cancel = callback
@@ -1637,32 +1683,33 @@ class ServerInviteHandle:
     async def wait_ack(self) -> bool:
         """Wait for the ACK of our non-2xx final: True, or False if the transaction ended
         without one (Timer H, or it was a 2xx, whose ACK goes to ``handle_request``)."""
-        await self._ack_or_end.wait()
-        return self.acked.is_set()
+        await self._wait_until(lambda: self.acked or self.terminated)
+        return self.acked
 
     async def wait_terminated(self) -> TxOutcome | None:
         """Wait until the transaction has ended; return its outcome."""
-        await self.terminated.wait()
+        await self._wait_until(lambda: self.terminated)
         return self.outcome
 
     # -- endpoint side --
 
     def _cancel(self, reason: str | None) -> None:
-        if not self.cancelled.is_set():
+        if not self.cancelled:
             self.cancel_reason = reason
-            self.cancelled.set()
+            self.cancelled = True
+            self._change()
             callback, self._on_cancel = self._on_cancel, None
             if callback is not None:
                 callback(reason)
 
     def _acked(self) -> None:
-        self.acked.set()
-        self._ack_or_end.set()
+        self.acked = True
+        self._change()
 
     def _ended(self, outcome: TxOutcome | None) -> None:
         self._on_cancel = None  # it may refer to this handle: no cycle outlives the transaction
-        self._ack_or_end.set()
-        self.terminated.set()
+        self.terminated = True
+        self._change()
 
 
 class ClientInviteHandle:

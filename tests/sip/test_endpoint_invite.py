@@ -440,6 +440,72 @@ async def test_when_cancelled_calls_back_on_the_cancel_or_at_once_if_it_came(
     assert late == [ANSWERED_ELSEWHERE]
 
 
+async def test_a_handle_makes_an_event_only_for_its_waiters(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A handle keeps flags, and an event only while someone waits: most handles are never
+    waited on and linger for Timer I (5 s over UDP). Two waiters on one handle both wake."""
+    woke: list[tuple[str, object]] = []
+    idle: list[bool] = []
+
+    async def script(tx: ServerInviteHandle) -> None:
+        await tx.send_provisional(tx.make_response(180))
+        tx.when_cancelled(lambda reason: None)
+        idle.append(any(isinstance(v, trio.Event) for v in vars(tx).values()))
+
+        async def ack() -> None:
+            woke.append(("ack", await tx.wait_ack()))
+
+        async def end() -> None:
+            woke.append(("end", await tx.wait_terminated()))
+
+        async with trio.open_nursery() as waiters:
+            waiters.start_soon(ack)
+            waiters.start_soon(end)
+            await trio.testing.wait_all_tasks_blocked()
+            await tx.send_final(tx.make_response(486))
+
+    handler = CallHandler(script)
+    _, peer = await memory_setup(nursery, handler)
+    invite = uac_request()
+    await peer.send(invite)
+    await peer.response(180)
+    busy = await peer.response(486)
+    await peer.send(ack_for(invite, busy))
+    await handler.script_done.wait()
+    assert idle == [False]
+    assert woke == [("ack", True), ("end", TxOutcome.COMPLETED)]
+    assert handler.handles[0].terminated and handler.handles[0]._changed is None
+
+
+async def test_a_cancel_over_udp_is_answered_and_reported_from_the_receive_path(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """No task per CANCEL: by the time the endpoint has taken the CANCEL in, its 200 is on
+    the wire and the handle has heard of it (a task each cost a spawn and a scheduler pass
+    per cancelled call)."""
+    async def script(tx: ServerInviteHandle) -> None:
+        await tx.send_provisional(tx.make_response(180))
+        await tx.wait_cancelled()
+        await tx.send_final(tx.make_response(487))
+
+    handler = CallHandler(script)
+    endpoint, peer = await memory_setup(nursery, handler)
+    await peer.send(uac_request())
+    await peer.response(180)
+    sent: list[bytes] = []
+    ours = peer.ours
+    ours.on_send = lambda dest, data: sent.append(data)
+    cancel = uac_request("CANCEL", extra=(f"Reason: {ANSWERED_ELSEWHERE}",))
+    endpoint._request_received(cancel, Source("udp", PEER_HOST, PEER_PORT))
+    # No checkpoint since: nothing else has run.
+    assert [data.split(b"\r\n", 1)[0] for data in sent] == [b"SIP/2.0 200 OK"]
+    assert b"CSeq: 1 CANCEL" in sent[0]
+    assert handler.handles[0].cancelled
+    assert handler.handles[0].cancel_reason == ANSWERED_ELSEWHERE
+    assert (await peer.response(487)).status == 487
+
+
 async def test_a_cancel_matching_no_invite_gets_481(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -464,7 +530,7 @@ async def test_a_cancel_after_the_final_gets_200_but_changes_nothing(
     await peer.response(486)
     await peer.send(uac_request("CANCEL"))
     await peer.response(200, method="CANCEL")
-    assert not handler.handles[0].cancelled.is_set()
+    assert not handler.handles[0].cancelled
 
 
 async def test_a_2xx_is_sent_again_by_send_2xx_and_its_ack_goes_to_the_handler(
