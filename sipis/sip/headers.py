@@ -142,6 +142,22 @@ def _find_param(params: Params, name: str) -> tuple[bool, str | None]:
     return False, None
 
 
+def parse_header_params(text: str, pos: int = 0) -> Params:
+    """The header parameters ``*( SEMI generic-param )`` of ``text[pos:]``, as ``Address``
+    parses them after its ``>`` (for a reader that has matched what comes before itself).
+
+    Raises:
+        SipParseError: malformed parameters.
+    """
+    return _parse_header_params(text, pos, "address")
+
+
+def param_value(params: Params, name: str) -> str | None:
+    """Value of parameter ``name`` (case-insensitive, the first one), raw; None if absent or
+    valueless."""
+    return _find_param(params, name)[1]
+
+
 def _update_params(params: Params, updates: dict[str, str | None]) -> Params:
     """Replace parameters in place (matching names case-insensitively), append new ones."""
     pending = {name.lower(): (name, value) for name, value in updates.items()}

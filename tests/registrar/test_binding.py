@@ -19,9 +19,11 @@ from sipis.registrar.binding import (
     SendRegister,
     StatusChanged,
     backoff_delay,
+    contact_expires,
     refresh_interval,
 )
 from sipis.sip.digest import make_challenge, parse_challenge
+from sipis.sip.errors import SipParseError
 from sipis.sip.headers import URI, Address
 from sipis.sip.message import Headers, SipRequest, SipResponse
 
@@ -393,3 +395,49 @@ def test_any_sequence_of_events_keeps_the_machine_consistent(events: list[str]) 
             last_cseq = pending.cseq.seq
         outcome_count += len(outcomes(actions))
         assert outcome_count <= 1
+
+
+# --- the granted expires: the echoed Contact read without parsing its URI -------------------
+
+def _contact_expires_by_parsing(contacts: list[str], ours: URI) -> int | None:
+    """The reference: every Contact parsed in full (what contact_expires did before)."""
+    for value in contacts:
+        try:
+            address = Address.parse(value)
+        except SipParseError:
+            continue
+        same = (address.uri.user == ours.user and address.uri.host.lower() == ours.host.lower()
+                and (address.uri.port or 5060) == (ours.port or 5060))
+        if same:
+            expires = address.param("expires")
+            if expires is not None and expires.isdigit():
+                return int(expires)
+    return None
+
+
+_USERS = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.!~*'-]{0,11}", fullmatch=True)
+_HOSTS = st.sampled_from(["127.0.0.1", "sipis.example", "SIPIS.example", "[::1]", "10.0.0.7"])
+_PARAM_TAILS = st.lists(st.sampled_from([
+    ";expires=600", ";Expires=30", ";EXPIRES=0", ";expires", ";expires=abc", ";expires=-1",
+    ";expires=0600", ' ; expires = 45', ';+sip.instance="<urn:uuid:00000000-0000-0000-0000-0>"',
+    ";reg-id=1", ";q=0.5", ";expires=7;expires=9", ";x=\"a;expires=5\"", ";", ";=1", "junk",
+    ">", " ", ";expires=١٢", ";expires=99999999999999999999",
+]), max_size=4).map("".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(user=_USERS, host=_HOSTS, port=st.sampled_from([None, 5060, 5070]),
+       uri_params=st.sampled_from(["", ";transport=udp", ";transport=TCP;ob"]),
+       data=st.data())
+def test_contact_expires_reads_the_echoed_contact_as_parsing_it_would(
+        user: str, host: str, port: int | None, uri_params: str, data: st.DataObject) -> None:
+    """The fast path (our Contact echoed as ``<our URI>`` then parameters) gives what parsing
+    every Contact in full gives, for echoed, re-spelled, foreign and malformed values."""
+    ours = URI.parse(f"sip:{user}@{host}{'' if port is None else f':{port}'}{uri_params}")
+    shapes = st.sampled_from([
+        f"<{ours}>", f" <{ours}>", f"<{ours}> ", f"<sip:{user}@{host.lower()}:{port or 5060}>",
+        f"<sip:{user}@{host}>", f"<sip:other@{host}>", f'"Phone" <{ours}>', f"{ours}",
+        f"<{ours}", f"<sip:{user}x@{host}>",
+    ])
+    contacts = data.draw(st.lists(st.tuples(shapes, _PARAM_TAILS).map("".join), max_size=3))
+    assert contact_expires(contacts, ours) == _contact_expires_by_parsing(contacts, ours)
