@@ -32,6 +32,8 @@ FORBIDDEN = (
     ("sipis.registrar", ("sipis.api", "sipis.calls", "sipis.push", "sipis.instances")),
     ("sipis.config", ("sipis.",)),
     ("sipis.logs", ("sipis.",)),
+    ("sipis.randomness", ("sipis.",)),
+    ("sipis.fastenum", ("sipis.",)),
     ("sipis.notify", ("sipis.",)),
     ("sipis.metrics", ("sipis.api", "sipis.calls", "sipis.registrar", "sipis.instances",
                        "sipis.daemon", "sipis.cli")),

@@ -56,6 +56,7 @@ from typing import Protocol
 import attrs
 import trio
 
+from sipis import randomness
 from sipis.calls.call import (
     CallAction,
     CallConfig,
@@ -574,7 +575,7 @@ class CallDriver:
             return _respond(request, 200)
         now = self._clock()
         held = HeldMessage(
-            id=secrets.token_hex(12), instance_id=record.id, received_at=now,
+            id=randomness.token_hex(12), instance_id=record.id, received_at=now,
             expires_at=now + self.settings.message_retention,
             from_=str(attrs.evolve(request.from_, params=tuple(
                 (k, v) for k, v in request.from_.params if k.lower() != "tag"))),
@@ -752,7 +753,7 @@ class CallDriver:
     async def _run_call(self, record: InstanceRecord, request: SipRequest, source: Source,
                         tx: ServerInviteHandle, invite_at: float) -> None:
         send, receive = trio.open_memory_channel[CallEvent](math.inf)
-        ref = secrets.token_hex(8)
+        ref = randomness.token_hex(8)
         async with trio.open_nursery() as outer, trio.open_nursery() as nursery:
             call = _Call(IncomingCall(self.settings.call), record, request, source, tx,
                          ref, send, nursery, outer, started_at=self._clock(),

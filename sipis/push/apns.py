@@ -54,7 +54,6 @@ import os
 import re
 import ssl
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -75,6 +74,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from hpack import NeverIndexedHeaderTuple
 
+from sipis import randomness
 from sipis.logs import redacted_token
 from sipis.push.base import (
     InvalidToken,
@@ -1318,7 +1318,7 @@ class ApnsClient:
     async def _send(self, request: PushRequest) -> PushResult:
         endpoint = self._endpoint_for(request.target)
         path, fields, body = build_request(request, now=self._clock(),
-                                           apns_id=str(uuid.uuid4()))
+                                           apns_id=randomness.uuid4())
         # The path names one device: indexing it would churn the HPACK table (~40 paths fit
         # in 4 KiB) and evict the entries every push shares, the provider token first.
         head = [(b":method", b"POST"), (b":scheme", b"https"),

@@ -38,6 +38,7 @@ from collections.abc import Callable, Collection, Iterable
 
 import attrs
 
+from sipis import randomness
 from sipis.sip.errors import DigestError, excerpt
 
 __all__ = [
@@ -512,7 +513,7 @@ class DigestClient:
         nc_text: str | None = None
         if qop is not None:
             if cnonce is None:
-                cnonce = secrets.token_hex(16)
+                cnonce = randomness.token_hex(16)
             nc_text = f"{self._next_nc(challenge.realm, challenge.nonce):08x}"
         else:
             cnonce = None  # RFC 2617 §3.2.2: no cnonce when the server sent no qop

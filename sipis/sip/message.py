@@ -24,13 +24,12 @@ message equality ignores the header, so ``parse_message(m.to_bytes()) == m``.
 from __future__ import annotations
 
 import re
-import secrets
 from collections.abc import Iterable, Iterator
 from typing import Final
 
 import attrs
 
-from sipis import fastenum
+from sipis import fastenum, randomness
 from sipis.sip.errors import SipParseError
 from sipis.sip.headers import URI, Address, CSeq, Via, check_address
 
@@ -758,15 +757,15 @@ def _stream_content_length(head: bytes) -> int:
 
 def new_branch() -> str:
     """A fresh Via branch: the RFC 3261 magic cookie + 96 random bits."""
-    return BRANCH_MAGIC_COOKIE + secrets.token_hex(12)
+    return BRANCH_MAGIC_COOKIE + randomness.token_hex(12)
 
 
 def new_tag() -> str:
     """A fresh From/To tag (64 random bits, RFC 3261 §19.3 asks for at least 32)."""
-    return secrets.token_hex(8)
+    return randomness.token_hex(8)
 
 
 def new_call_id(host: str | None = None) -> str:
     """A fresh Call-ID (128 random bits), optionally ``@host``."""
-    ident = secrets.token_hex(16)
+    ident = randomness.token_hex(16)
     return ident if host is None else f"{ident}@{host}"
