@@ -73,7 +73,9 @@ def _install_timing(path: str) -> list[str]:
     conn_cls: Any = getattr(apns, "_Connection", None)
     original_send_body = getattr(conn_cls, "_send_body", None)
     original_connect = getattr(conn_cls, "_connect", None)
-    if conn_cls is None or original_send_body is None or original_connect is None:
+    original_start_now = getattr(conn_cls, "start_now", None)
+    if conn_cls is None or original_send_body is None or original_connect is None \
+            or original_start_now is None:
         missing.append("push")
         return missing
 
@@ -92,14 +94,24 @@ def _install_timing(path: str) -> list[str]:
                     keep.append((end_offset, key))
             pending[id(conn)] = keep
 
+    def sent(conn: Any, stream: Any, body: bytes) -> None:
+        if stream is not None and stream.end_offset is not None:
+            key = _json_value(body, b'"sip_call_id":"')
+            if key:
+                pending.setdefault(id(conn), []).append((stream.end_offset, key))
+                written(conn)
+
     async def send_body(self: Any, stream: Any, body: bytes) -> None:
         # The bytes usually reach the socket inside the call (no writer task in between).
         await original_send_body(self, stream, body)
-        if stream.end_offset is not None:
-            key = _json_value(body, b'"sip_call_id":"')
-            if key:
-                pending.setdefault(id(self), []).append((stream.end_offset, key))
-                written(self)
+        sent(self, stream, body)
+
+    def start_now(self: Any, ex: Any, headers: Any, body: bytes) -> bool:
+        # A call's push, written from the call's own task.
+        went: bool = original_start_now(self, ex, headers, body)
+        if went:
+            sent(self, ex.stream, body)
+        return went
 
     async def connect(self: Any) -> Any:
         tls = await original_connect(self)
@@ -116,6 +128,7 @@ def _install_timing(path: str) -> list[str]:
         return tls
 
     conn_cls._send_body = send_body
+    conn_cls.start_now = start_now
     conn_cls._connect = connect
     return missing
 

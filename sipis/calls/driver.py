@@ -85,7 +85,15 @@ from sipis.calls.call import (
     WipeInstance,
 )
 from sipis.calls.device import DeviceBinding, DeviceRegistrar, NonceIssuer
-from sipis.push.base import InvalidToken, PushError, PushKind, PushRequest, PushResult, PushTarget
+from sipis.push.base import (
+    InvalidToken,
+    PushError,
+    PushKind,
+    PushRequest,
+    PushResult,
+    PushStart,
+    PushTarget,
+)
 from sipis.sip.endpoint import ClientInviteHandle, ClientResult, ServerInviteHandle
 from sipis.sip.errors import SipError, SipParseError, TransactionTimeout, TransportError
 from sipis.sip.headers import URI, Address, Via
@@ -184,7 +192,10 @@ class DriverService(Protocol):
 
 
 class DriverPush(Protocol):
-    async def send(self, request: PushRequest, *, deadline: float) -> PushResult: ...
+    def start(self, request: PushRequest) -> PushStart | None: ...
+
+    async def send(self, request: PushRequest, *, deadline: float,
+                   started: PushStart | None = None) -> PushResult: ...
 
 
 class DriverEndpoint(Protocol):
@@ -841,10 +852,12 @@ class CallDriver:
             call.outer.start_soon(self._alert_push, push, call.record.id)
             return
         deadline = trio.current_time() + self.settings.call.ring_timeout
+        # On the wire now if it can be: the task below only waits for the answer.
+        started = self._push.start(push)
 
         async def send_call_push() -> None:
             try:
-                await self._push.send(push, deadline=deadline)
+                await self._push.send(push, deadline=deadline, started=started)
             except InvalidToken as exc:
                 call.report(PushFailed(dead_token=True, reason=exc.reason))
             except PushError as exc:

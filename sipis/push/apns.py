@@ -85,6 +85,7 @@ from sipis.push.base import (
     PushRequest,
     PushResult,
     PushRetryable,
+    PushStart,
     PushTarget,
 )
 
@@ -1107,6 +1108,42 @@ class _Connection:
             await self._slots.park()
         # Woken for a slot just as our deadline passed? Then do not send at all.
         await trio.lowlevel.checkpoint_if_cancelled()
+        stream = self._open_stream(ex, headers, body)
+        try:
+            if body:  # HEADERS leave with the first DATA: one TLS record, one write
+                await self._send_body(stream, body)
+            else:
+                self._flush_h2()
+                stream.end_offset = self._queued
+        except BaseException:
+            self._release(stream)
+            raise
+        await self.answer(ex)
+
+    def start_now(self, ex: _Exchange, headers: list[tuple[bytes, bytes]], body: bytes) -> bool:
+        """Put a whole request on its way from the caller, without waiting for anything:
+        True if it went (then ``answer(ex)`` must follow), False if the connection could not
+        take it at once (nothing was sent). A call's push then leaves before its task yields.
+
+        Raises ``_Unprocessed`` as ``exchange`` does.
+        """
+        if not (self.usable and self.has_capacity) or len(body) > min(
+                self._h2.outbound_flow_control_window, self._h2.max_outbound_frame_size,
+                self._h2.remote_settings.initial_window_size):
+            return False
+        stream = self._open_stream(ex, headers, body)
+        if body:
+            try:
+                self._h2.send_data(stream.id, body, end_stream=True)
+            except h2.exceptions.H2Error:  # our END_STREAM never left: not processed
+                self._release(stream)
+                raise _Unprocessed("stream closed before the request was complete") from None
+        self._flush_h2()
+        stream.end_offset = self._queued
+        return True
+
+    def _open_stream(self, ex: _Exchange, headers: list[tuple[bytes, bytes]],
+                     body: bytes) -> _Stream:
         try:
             stream_id = self._h2.get_next_available_stream_id()
             self._h2.known_open = len(self._streams)
@@ -1115,17 +1152,24 @@ class _Connection:
             self.close(f"HTTP/2 state error ({type(exc).__name__})")
             raise _Unprocessed("HTTP/2 state error") from None
         stream = ex.stream = self._streams[stream_id] = _Stream(stream_id)
+        return stream
+
+    async def answer(self, ex: _Exchange) -> None:
+        """Wait for the answer to the request sent on ``ex.stream``; the stream is released
+        however this ends (cancelled included)."""
+        stream = ex.stream
+        assert stream is not None
         try:
-            if body:  # HEADERS leave with the first DATA: one TLS record, one write
-                await self._send_body(stream, body)
-            else:
-                self._flush_h2()
-                stream.end_offset = self._queued
             await stream.done.wait()
         finally:
             self._release(stream)
         if stream.error is not None:
             raise stream.error
+
+    def abandon(self, ex: _Exchange) -> None:
+        """Give up a request sent by ``start_now`` whose answer nobody will wait for."""
+        if ex.stream is not None and ex.stream.id in self._streams:
+            self._release(ex.stream)
 
     async def _send_body(self, stream: _Stream, body: bytes) -> None:
         """DATA frames within the peer's flow-control windows; END_STREAM on the last one."""
@@ -1211,6 +1255,36 @@ def make_ssl_context(ca_file: Path | None = None) -> ssl.SSLContext:
     return context
 
 
+@attrs.frozen
+class _Prepared:
+    """A push's request, built once: a resent or re-authorised try sends the same one
+    (same apns-id)."""
+
+    endpoint: _Endpoint
+    head: list[tuple[bytes, bytes]]
+    tail: list[tuple[bytes, bytes]]
+    body: bytes
+
+    def headers(self, jwt: str) -> list[tuple[bytes, bytes]]:
+        return [*self.head, (b"authorization", b"bearer " + jwt.encode()), *self.tail]
+
+
+class _Started(PushStart):
+    """A push ``ApnsClient.start`` put on the wire; ``send`` waits for its answer."""
+
+    __slots__ = ("conn", "ex", "jwt", "prepared")
+
+    def __init__(self, prepared: _Prepared, conn: _Connection, ex: _Exchange,
+                 jwt: str) -> None:
+        self.prepared = prepared
+        self.conn = conn
+        self.ex = ex
+        self.jwt = jwt
+
+    def abandon(self) -> None:
+        self.conn.abandon(self.ex)
+
+
 class ApnsClient:
     """Sends pushes to APNs over long-lived HTTP/2 connections (implements ``PushClient``).
 
@@ -1294,8 +1368,30 @@ class ApnsClient:
             raise PushError(f"unknown APNs environment {environment[:20]!r}")
         return endpoint
 
-    async def send(self, request: PushRequest) -> PushResult:
-        """Send one push and return Apple's acceptance.
+    def start(self, request: PushRequest) -> PushStart | None:
+        """Put the push on the wire now, from the caller's task, if an open connection can
+        take it whole; None if not (or if the request is bad: ``send`` says why). Hand the
+        result to ``send``, which waits for the answer (retries included)."""
+        try:
+            prepared = self._prepare(request)
+        except PushError:
+            return None
+        pool = self._pools.get(prepared.endpoint.url)
+        conn = None if pool is None else pool.pick(max(1, self._settings.max_connections))
+        if conn is None or self._closed:
+            return None
+        jwt = self._tokens.token()
+        ex = _Exchange()
+        try:
+            if not conn.start_now(ex, prepared.headers(jwt), prepared.body):
+                return None
+        except _Unprocessed:
+            return None
+        return _Started(prepared, conn, ex, jwt)
+
+    async def send(self, request: PushRequest, started: PushStart | None = None
+                   ) -> PushResult:
+        """Send one push (or finish one ``start`` began) and return Apple's acceptance.
 
         Raises:
             InvalidToken, PushRetryable, PushAuthError, PushConfigError, PushError: see the
@@ -1304,7 +1400,7 @@ class ApnsClient:
         """
         device = redacted_token(request.target.token)
         try:
-            result = await self._send(request)
+            result = await self._send(request, started)
         except PushError as exc:
             self._failed += 1
             log.info("apns push %s failed device=%s instance=%s reason=%s status=%s",
@@ -1315,7 +1411,7 @@ class ApnsClient:
                   request.kind.value, device, request.instance[:8], result.id, result.attempts)
         return result
 
-    async def _send(self, request: PushRequest) -> PushResult:
+    def _prepare(self, request: PushRequest) -> _Prepared:
         endpoint = self._endpoint_for(request.target)
         path, fields, body = build_request(request, now=self._clock(),
                                            apns_id=randomness.uuid4())
@@ -1327,15 +1423,30 @@ class ApnsClient:
         # apns-id is new for every push: indexing it would only churn the HPACK table.
         tail = [NeverIndexedHeaderTuple(name.encode(), value.encode()) if name == "apns-id"
                 else (name.encode(), value.encode()) for name, value in fields.items()]
+        return _Prepared(endpoint, head, tail, body)
+
+    async def _send(self, request: PushRequest, started: PushStart | None) -> PushResult:
+        first = started if isinstance(started, _Started) else None
+        if started is not None and first is None:
+            started.abandon()  # not one of ours
+        try:
+            prepared = first.prepared if first is not None else self._prepare(request)
+        except BaseException:
+            if started is not None:
+                started.abandon()
+            raise
         refreshed = resent = False
         attempts = 0
         while True:
             attempts += 1
-            jwt = self._tokens.token()
-            headers = [*head, (b"authorization", b"bearer " + jwt.encode()), *tail]
+            if first is not None:
+                jwt, attempt = first.jwt, self._attempt(prepared, first.jwt, first)
+                first = None
+            else:
+                jwt = self._tokens.token()
+                attempt = self._attempt(prepared, jwt, None)
             try:
-                status, response_headers, response_body = await self._attempt(
-                    endpoint, headers, body)
+                status, response_headers, response_body = await attempt
             except _Unprocessed as exc:
                 if resent:
                     raise PushRetryable(f"not processed by APNs: {exc.reason}") from None
@@ -1353,13 +1464,19 @@ class ApnsClient:
                 raise
             return attrs.evolve(result, attempts=attempts)
 
-    async def _attempt(self, endpoint: _Endpoint, headers: list[tuple[bytes, bytes]],
-                       body: bytes) -> tuple[int, dict[str, str], bytes]:
-        conn = await self._connection(endpoint)
-        ex = _Exchange()
+    async def _attempt(self, prepared: _Prepared, jwt: str, started: _Started | None
+                       ) -> tuple[int, dict[str, str], bytes]:
+        if started is not None:
+            ex = started.ex
+        else:
+            conn = await self._connection(prepared.endpoint)
+            ex = _Exchange()
         timeout = self._settings.request_timeout
         with trio.move_on_after(timeout) as scope:
-            await conn.exchange(ex, headers, body)
+            if started is not None:
+                await started.conn.answer(ex)
+            else:
+                await conn.exchange(ex, prepared.headers(jwt), prepared.body)
         stream = ex.stream
         if scope.cancelled_caught or stream is None:
             if stream is None or stream.end_offset is None:

@@ -18,7 +18,7 @@ Errors (one line each: when raised, what the caller does):
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import attrs
 
@@ -134,3 +134,28 @@ class PushClient(Protocol):
     async def send(self, request: PushRequest) -> PushResult: ...
 
     async def aclose(self) -> None: ...
+
+
+class PushStart:
+    """A push a client put on the wire from its caller's task (``StartingPushClient.start``),
+    before the task that waits for its answer runs. Hand it to that client's ``send``, or
+    ``abandon`` it."""
+
+    __slots__ = ()
+
+    def abandon(self) -> None:
+        """Give it up: nobody will wait for its answer."""
+        raise NotImplementedError
+
+
+@runtime_checkable
+class StartingPushClient(PushClient, Protocol):
+    """A client that can send a push at once, from the caller's task: the latency of a call's
+    push is then not a scheduler pass longer than the INVITE's own handling."""
+
+    def start(self, request: PushRequest) -> PushStart | None:
+        """The push on its way, or None when it cannot go at once (``send`` does it all)."""
+        ...
+
+    async def send(self, request: PushRequest, started: PushStart | None = None
+                   ) -> PushResult: ...

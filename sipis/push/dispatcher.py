@@ -27,6 +27,8 @@ from sipis.push.base import (
     PushRequest,
     PushResult,
     PushRetryable,
+    PushStart,
+    StartingPushClient,
 )
 
 logger = logging.getLogger(__name__)
@@ -85,7 +87,18 @@ class PushDispatcher:
         delay *= self._rng.uniform(_JITTER_FLOOR, 1.0)
         return max(delay, retry_after or 0.0)
 
-    async def send(self, request: PushRequest, *, deadline: float) -> PushResult:
+    def start(self, request: PushRequest) -> PushStart | None:
+        """Send ``request`` at once, from the caller's task, if its client can (see
+        ``StartingPushClient``); pass the result to ``send``, which waits for the answer.
+        None: ``send`` does all of it."""
+        client = self._clients.get(request.target.provider)
+        if not isinstance(client, StartingPushClient):
+            return None
+        inner = client.start(request)
+        return None if inner is None else _DispatchStart(client, inner)
+
+    async def send(self, request: PushRequest, *, deadline: float,
+                   started: PushStart | None = None) -> PushResult:
         """Send ``request``, retrying ``PushRetryable`` until ``deadline`` (trio time).
 
         Returns:
@@ -99,7 +112,16 @@ class PushDispatcher:
                 no earlier try had failed retryably (else that error is raised).
         """
         provider = request.target.provider
-        client = self._clients.get(provider)
+        client: PushClient | None
+        first: PushStart | None = None
+        if isinstance(started, _DispatchStart):
+            # Its answer is awaited from the client that sent it, even if SIGHUP has swapped
+            # the clients since: sending afresh could ring the phone twice.
+            client, first = started.client, started.inner
+        else:
+            if started is not None:
+                started.abandon()
+            client = self._clients.get(provider)
         if client is None:
             self._count(provider, "config-error")
             raise PushConfigError(f"no push client for provider {provider!r}")
@@ -107,25 +129,32 @@ class PushDispatcher:
         # meanwhile: the old one is closed only once no send uses it (``retire``).
         self._in_use[id(client)] += 1
         try:
-            return await self._send_with(client, request, deadline)
+            return await self._send_with(client, request, deadline, first)
         finally:
             self._in_use[id(client)] -= 1
             if not self._in_use[id(client)]:
                 del self._in_use[id(client)]
 
     async def _send_with(self, client: PushClient, request: PushRequest,
-                         deadline: float) -> PushResult:
+                         deadline: float, first: PushStart | None) -> PushResult:
         provider = request.target.provider
         attempts = 0
         last: PushRetryable | None = None
         while True:
             if trio.current_time() >= deadline:  # move_on_at would let a quick send through
+                if first is not None:
+                    first.abandon()
                 self._count(provider, "timeout")
                 raise PushError("deadline reached")
             with trio.move_on_at(deadline) as scope:
                 started = trio.current_time()
                 try:
-                    result = await client.send(request)
+                    if first is not None:
+                        assert isinstance(client, StartingPushClient)
+                        pending, first = first, None
+                        result = await client.send(request, pending)
+                    else:
+                        result = await client.send(request)
                 except PushRetryable as exc:
                     self._timed(provider, started)
                     last = exc
@@ -203,3 +232,16 @@ def _result_of(exc: PushError) -> str:
     if isinstance(exc, PushConfigError):
         return "config-error"
     return "error"
+
+
+class _DispatchStart(PushStart):
+    """A started push and the client that started it."""
+
+    __slots__ = ("client", "inner")
+
+    def __init__(self, client: StartingPushClient, inner: PushStart) -> None:
+        self.client = client
+        self.inner = inner
+
+    def abandon(self) -> None:
+        self.inner.abandon()

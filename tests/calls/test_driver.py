@@ -80,7 +80,11 @@ class FakePush:
         self.sent: list[PushRequest] = []
         self.error = error
 
-    async def send(self, request: PushRequest, *, deadline: float) -> PushResult:
+    def start(self, request: PushRequest) -> None:
+        return None  # nothing at once: send does all of it
+
+    async def send(self, request: PushRequest, *, deadline: float,
+                   started: object = None) -> PushResult:
         self.sent.append(request)
         await trio.sleep(0.05)
         if self.error is not None and request.kind is PushKind.CALL:
@@ -289,6 +293,42 @@ async def test_upstream_cancel_is_487_and_a_call_ended_push(
     assert d._waiting == {}  # the ended call no longer waits for its device
 
 
+class StartingPush(FakePush):
+    """Sends a call push at once (``start``): the call's task writes it before it yields."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started: list[PushRequest] = []
+        self.handed: list[tuple[PushKind, object]] = []
+
+    def start(self, request: PushRequest) -> Any:
+        self.started.append(request)
+        return ("started", request.call)
+
+    async def send(self, request: PushRequest, *, deadline: float,
+                   started: object = None) -> PushResult:
+        self.handed.append((request.kind, started))
+        return await super().send(request, deadline=deadline)
+
+
+async def test_the_call_push_is_started_before_the_calls_task_yields(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """The call push is begun from the call's own task (``start``), and what ``start``
+    gave is handed to ``send``, which only waits for the answer; alert pushes just send."""
+    push = StartingPush()
+    d, _, _, _ = driver(push)
+    req = request("INVITE")
+    tx = FakeTx(req)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(d.handle_invite, req, CALLER, cast(ServerInviteHandle, tx))
+        await trio.testing.wait_all_tasks_blocked()
+        [call_push] = push.started
+        assert call_push.kind is PushKind.CALL
+        tx.cancel(None)
+    assert push.handed == [(PushKind.CALL, ("started", call_push.call)),
+                           (PushKind.CALL_ENDED, None)]
+
+
 async def test_device_register_wakes_the_held_call_and_forwards_to_its_source(
         autojump_clock: trio.testing.MockClock) -> None:
     d, service, endpoint, _ = driver()
@@ -482,7 +522,8 @@ async def test_message_body_goes_into_the_push_only_where_configured() -> None:
 class DeadTokenPush(FakePush):
     """Every push is refused: the token is dead (APNs 410 / FCM UNREGISTERED)."""
 
-    async def send(self, request: PushRequest, *, deadline: float) -> PushResult:
+    async def send(self, request: PushRequest, *, deadline: float,
+                   started: object = None) -> PushResult:
         self.sent.append(request)
         raise InvalidToken("Unregistered")
 

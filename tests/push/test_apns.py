@@ -49,6 +49,7 @@ from sipis.push.base import (
     PushRetryable,
     PushTarget,
 )
+from sipis.push.dispatcher import PushDispatcher
 from tests.peers.apns_server import BUNDLE, KEY_ID, TEAM_ID, ApnsServer, Reply, TestKey
 from tests.peers.ports import free_port
 
@@ -404,6 +405,70 @@ async def test_voip_push_is_accepted_and_recorded_with_apples_headers(
     assert push.sipis["call"] == "call-1"
     header, claims = verify_jwt(push.jwt, KEY.public_key)
     assert header["kid"] == KEY_ID and claims["iss"] == TEAM_ID
+
+
+def open_connection(client: ApnsClient) -> _Connection:
+    [pool] = client._pools.values()
+    [conn] = pool.conns
+    return conn
+
+
+async def test_start_puts_a_push_on_the_wire_from_the_callers_task(
+        client: ApnsClient, server: ApnsServer) -> None:
+    """On an open connection ``start`` hands the whole request to the socket before the
+    caller yields; ``send`` then only waits for the answer: one push, one attempt."""
+    await client.send(make_request(call="warm-up"))
+    conn = open_connection(client)
+    handed = conn._handed
+    request = make_request(call="quick")
+    started = client.start(request)
+    assert started is not None and conn._handed > handed and conn.load == 1  # no checkpoint
+    result = await client.send(request, started)
+    assert [p.sipis["call"] for p in server.pushes] == ["warm-up", "quick"]
+    assert result.id == server.pushes[1].apns_id and result.attempts == 1
+    assert conn.load == 0
+
+
+async def test_start_without_an_open_connection_leaves_it_all_to_send(
+        client: ApnsClient, server: ApnsServer) -> None:
+    request = make_request()
+    assert client.start(request) is None  # no connection yet: nothing sent
+    assert client.start(make_request(token="zz")) is None  # a bad token: send will say so
+    await client.send(request)
+    assert len(server.pushes) == 1
+
+
+async def test_an_abandoned_start_frees_its_stream(
+        client: ApnsClient, server: ApnsServer) -> None:
+    """A started push nobody will wait for gives its stream back (the server may still have
+    it: it is never sent again)."""
+    await client.send(make_request(call="warm-up"))
+    conn = open_connection(client)
+    started = client.start(make_request(call="abandoned"))
+    assert started is not None and conn.load == 1
+    started.abandon()
+    assert conn.load == 0
+    await client.send(make_request(call="next"))
+    assert [p.sipis["call"] for p in server.pushes][-1] == "next"
+
+
+async def test_the_dispatcher_sends_a_started_push_once(
+        client: ApnsClient, server: ApnsServer) -> None:
+    """``PushDispatcher.start`` then ``send(started=...)``: the push goes once, from the
+    client that started it; past its deadline it is abandoned, not leaked."""
+    await client.send(make_request(call="warm-up"))
+    dispatcher = PushDispatcher({"apns": client})
+    request = make_request(call="dispatched")
+    started = dispatcher.start(request)
+    assert started is not None
+    result = await dispatcher.send(request, deadline=trio.current_time() + 5, started=started)
+    assert result.attempts == 1
+    assert [p.sipis["call"] for p in server.pushes] == ["warm-up", "dispatched"]
+    late = dispatcher.start(make_request(call="late"))
+    assert late is not None
+    with pytest.raises(PushError, match="deadline"):
+        await dispatcher.send(request, deadline=trio.current_time(), started=late)
+    assert open_connection(client).load == 0
 
 
 async def test_alert_pushes_are_accepted(client: ApnsClient, server: ApnsServer) -> None:
