@@ -1374,13 +1374,13 @@ class ApnsClient:
         result to ``send``, which waits for the answer (retries included)."""
         try:
             prepared = self._prepare(request)
+            pool = self._pools.get(prepared.endpoint.url)
+            conn = None if pool is None else pool.pick(max(1, self._settings.max_connections))
+            if conn is None or self._closed:
+                return None
+            jwt = self._tokens.token()
         except PushError:
             return None
-        pool = self._pools.get(prepared.endpoint.url)
-        conn = None if pool is None else pool.pick(max(1, self._settings.max_connections))
-        if conn is None or self._closed:
-            return None
-        jwt = self._tokens.token()
         ex = _Exchange()
         try:
             if not conn.start_now(ex, prepared.headers(jwt), prepared.body):

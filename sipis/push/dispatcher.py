@@ -94,7 +94,12 @@ class PushDispatcher:
         client = self._clients.get(request.target.provider)
         if not isinstance(client, StartingPushClient):
             return None
-        inner = client.start(request)
+        try:
+            inner = client.start(request)
+        except Exception:  # only a head start: whatever went wrong, send will meet it again
+            logger.exception("push start failed provider=%s; sending the usual way",
+                             request.target.provider)
+            return None
         return None if inner is None else _DispatchStart(client, inner)
 
     async def send(self, request: PushRequest, *, deadline: float,

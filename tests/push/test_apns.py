@@ -464,6 +464,17 @@ async def test_the_dispatcher_sends_a_started_push_once(
     result = await dispatcher.send(request, deadline=trio.current_time() + 5, started=started)
     assert result.attempts == 1
     assert [p.sipis["call"] for p in server.pushes] == ["warm-up", "dispatched"]
+    class Failing:
+        def start(self, request: PushRequest) -> None:
+            raise RuntimeError("boom")
+
+        async def send(self, request: PushRequest, started: object = None) -> Any:
+            raise AssertionError("not called here")
+
+        async def aclose(self) -> None:
+            pass
+
+    assert PushDispatcher({"apns": Failing()}).start(request) is None  # logged, not raised
     late = dispatcher.start(make_request(call="late"))
     assert late is not None
     with pytest.raises(PushError, match="deadline"):
