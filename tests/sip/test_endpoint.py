@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import ipaddress
 import socket
 from typing import Any
@@ -29,6 +28,7 @@ from sipis.sip.transport import (
     MessageReceived,
     TransportEvent,
 )
+from tests.sip.cycles import cyclic_garbage
 
 HOST = "127.0.0.1"
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)
@@ -412,20 +412,12 @@ async def test_finished_client_transactions_leave_no_reference_cycles(
     ours, theirs = MemoryTransport.pair()
     endpoint = await start_endpoint(nursery, transport=ours)
     await start_endpoint(nursery, transport=theirs)
-    gc.collect()
-    gc.set_debug(gc.DEBUG_SAVEALL)
-    try:
+    with cyclic_garbage("sipis.sip.endpoint") as left:
         for n in range(20):
             result = await endpoint.request(register(f"cycle-{n}"),
                                             [Target("udp", theirs.host, theirs.port)])
             assert result.response.status == 200
         await trio.sleep(64)  # every timer of theirs and ours is over
-        gc.collect()
-        left = [type(o).__name__ for o in gc.garbage
-                if type(o).__module__ == "sipis.sip.endpoint"]
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
     assert left == []
 
 

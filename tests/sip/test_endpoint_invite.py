@@ -7,7 +7,6 @@ opened) runs on 127.0.0.1.
 
 from __future__ import annotations
 
-import gc
 import ipaddress
 import socket
 from collections.abc import Awaitable, Callable
@@ -45,6 +44,7 @@ from sipis.sip.transport import (
     MessageReceived,
     TransportEvent,
 )
+from tests.sip.cycles import cyclic_garbage
 
 HOST = "127.0.0.1"
 PEER_HOST, PEER_PORT = "127.0.0.2", 5062
@@ -216,6 +216,17 @@ async def collect(handle: ClientInviteHandle) -> list[int]:
     return [response.status async for response in handle.responses()]
 
 
+async def ringing(nursery: trio.Nursery, script: Script
+                  ) -> tuple[CallHandler, SipEndpoint, Peer, SipRequest]:
+    """An endpoint whose handler runs ``script``, and an INVITE sent to it, answered 180."""
+    handler = CallHandler(script)
+    endpoint, peer = await memory_setup(nursery, handler)
+    invite = uac_request()
+    await peer.send(invite)
+    await peer.response(180)
+    return handler, endpoint, peer, invite
+
+
 # --- server INVITE transactions ---------------------------------------------------------------
 
 
@@ -385,9 +396,7 @@ async def test_finished_invite_transactions_leave_no_reference_cycles(
             await tx.send_final(tx.make_response(487))
 
     _, peer = await memory_setup(nursery, Handler())
-    gc.collect()
-    gc.set_debug(gc.DEBUG_SAVEALL)
-    try:
+    with cyclic_garbage("sipis.sip.endpoint") as left:
         for n in range(6):
             call_id = f"{'busy' if n % 2 else 'cancel'}-{n}"
             invite = uac_request(branch=f"z9hG4bK-cycle-{n}", call_id=call_id)
@@ -400,12 +409,6 @@ async def test_finished_invite_transactions_leave_no_reference_cycles(
             await peer.send(ack_for(invite, final))
         await trio.sleep(64)  # Timers I and J are over: every transaction has ended
         del invite, final
-        gc.collect()
-        left = [type(o).__name__ for o in gc.garbage
-                if type(o).__module__ == "sipis.sip.endpoint"]
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
     assert left == []
 
 
@@ -424,11 +427,7 @@ async def test_when_cancelled_calls_back_on_the_cancel_or_at_once_if_it_came(
         tx.when_cancelled(late.append)
         await tx.send_final(tx.make_response(487))
 
-    handler = CallHandler(script)
-    _, peer = await memory_setup(nursery, handler)
-    invite = uac_request()
-    await peer.send(invite)
-    await peer.response(180)
+    handler, _, peer, invite = await ringing(nursery, script)
     assert early == []
     cancel = uac_request("CANCEL", extra=(f"Reason: {ANSWERED_ELSEWHERE}",))
     await peer.send(cancel)
@@ -465,11 +464,7 @@ async def test_a_handle_makes_an_event_only_for_its_waiters(
             await trio.testing.wait_all_tasks_blocked()
             await tx.send_final(tx.make_response(486))
 
-    handler = CallHandler(script)
-    _, peer = await memory_setup(nursery, handler)
-    invite = uac_request()
-    await peer.send(invite)
-    await peer.response(180)
+    handler, _, peer, invite = await ringing(nursery, script)
     busy = await peer.response(486)
     await peer.send(ack_for(invite, busy))
     await handler.script_done.wait()
@@ -489,10 +484,7 @@ async def test_a_cancel_over_udp_is_answered_and_reported_from_the_receive_path(
         await tx.wait_cancelled()
         await tx.send_final(tx.make_response(487))
 
-    handler = CallHandler(script)
-    endpoint, peer = await memory_setup(nursery, handler)
-    await peer.send(uac_request())
-    await peer.response(180)
+    handler, endpoint, peer, _ = await ringing(nursery, script)
     sent: list[bytes] = []
     ours = peer.ours
     ours.on_send = lambda dest, data: sent.append(data)
