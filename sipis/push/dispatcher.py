@@ -100,7 +100,10 @@ class PushDispatcher:
             logger.exception("push start failed provider=%s; sending the usual way",
                              request.target.provider)
             return None
-        return None if inner is None else _DispatchStart(client, inner)
+        if inner is None:
+            return None
+        self._in_use[id(client)] += 1  # from now on: a SIGHUP retire waits for this push too
+        return _DispatchStart(self, client, inner)
 
     async def send(self, request: PushRequest, *, deadline: float,
                    started: PushStart | None = None) -> PushResult:
@@ -119,26 +122,30 @@ class PushDispatcher:
         provider = request.target.provider
         client: PushClient | None
         first: PushStart | None = None
-        if isinstance(started, _DispatchStart):
+        if isinstance(started, _DispatchStart) and started.claim(self):
             # Its answer is awaited from the client that sent it, even if SIGHUP has swapped
-            # the clients since: sending afresh could ring the phone twice.
+            # the clients since: sending afresh could ring the phone twice. ``start`` has
+            # counted it in use already.
             client, first = started.client, started.inner
         else:
             if started is not None:
                 started.abandon()
             client = self._clients.get(provider)
-        if client is None:
-            self._count(provider, "config-error")
-            raise PushConfigError(f"no push client for provider {provider!r}")
-        # One client for the whole send, retries included, even if SIGHUP swaps the clients
-        # meanwhile: the old one is closed only once no send uses it (``retire``).
-        self._in_use[id(client)] += 1
+            if client is None:
+                self._count(provider, "config-error")
+                raise PushConfigError(f"no push client for provider {provider!r}")
+            # One client for the whole send, retries included, even if SIGHUP swaps the
+            # clients meanwhile: the old one is closed only once no send uses it (``retire``).
+            self._in_use[id(client)] += 1
         try:
             return await self._send_with(client, request, deadline, first)
         finally:
-            self._in_use[id(client)] -= 1
-            if not self._in_use[id(client)]:
-                del self._in_use[id(client)]
+            self._done_with(client)
+
+    def _done_with(self, client: PushClient) -> None:
+        self._in_use[id(client)] -= 1
+        if not self._in_use[id(client)]:
+            del self._in_use[id(client)]
 
     async def _send_with(self, client: PushClient, request: PushRequest,
                          deadline: float, first: PushStart | None) -> PushResult:
@@ -240,13 +247,26 @@ def _result_of(exc: PushError) -> str:
 
 
 class _DispatchStart(PushStart):
-    """A started push and the client that started it."""
+    """A started push, the client that started it, and the dispatcher that counts it in use
+    until ``send`` takes it over (``claim``) or it is abandoned."""
 
-    __slots__ = ("client", "inner")
+    __slots__ = ("client", "inner", "owner")
 
-    def __init__(self, client: StartingPushClient, inner: PushStart) -> None:
+    def __init__(self, owner: PushDispatcher, client: StartingPushClient,
+                 inner: PushStart) -> None:
+        self.owner: PushDispatcher | None = owner
         self.client = client
         self.inner = inner
 
+    def claim(self, dispatcher: PushDispatcher) -> bool:
+        """Hand the in-use count over to ``dispatcher.send`` (once, and only its own)."""
+        if self.owner is not dispatcher:
+            return False
+        self.owner = None
+        return True
+
     def abandon(self) -> None:
         self.inner.abandon()
+        owner, self.owner = self.owner, None
+        if owner is not None:
+            owner._done_with(self.client)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import functools
 import json
 import logging
 import ssl
@@ -386,6 +387,29 @@ async def send_all(client: ApnsClient, requests: list[PushRequest]
         for i in range(len(requests)):
             nursery.start_soon(one, i)
     return outcomes
+
+
+async def test_a_started_push_holds_off_a_sighup_retire_until_it_is_answered(
+        client: ApnsClient, server: ApnsServer) -> None:
+    """Between ``start`` and ``send`` the push counts as in use: a SIGHUP that replaces the
+    clients right then waits for its answer before closing the old client, instead of
+    closing the connection the push is on."""
+    await client.send(make_request(call="warm-up"))
+    dispatcher = PushDispatcher({"apns": client})
+    unclaimed = dispatcher.start(make_request(call="abandoned"))
+    assert unclaimed is not None and dispatcher._in_use
+    unclaimed.abandon()
+    assert dispatcher._in_use == {}
+    request = make_request(call="started")
+    started = dispatcher.start(request)
+    assert started is not None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(functools.partial(dispatcher.retire, [client], timeout=5.0))
+        await trio.testing.wait_all_tasks_blocked()  # the retire has looked, and waits
+        result = await dispatcher.send(request, deadline=trio.current_time() + 5,
+                                       started=started)
+    assert result.attempts == 1 and server.pushes[-1].sipis["call"] == "started"
+    assert dispatcher._in_use == {}
 
 
 def calls(n: int) -> list[PushRequest]:
