@@ -1429,12 +1429,7 @@ class ApnsClient:
         first = started if isinstance(started, _Started) else None
         if started is not None and first is None:
             started.abandon()  # not one of ours
-        try:
-            prepared = first.prepared if first is not None else self._prepare(request)
-        except BaseException:
-            if started is not None:
-                started.abandon()
-            raise
+        prepared = first.prepared if first is not None else self._prepare(request)
         refreshed = resent = False
         attempts = 0
         while True:
