@@ -237,6 +237,20 @@ async def test_set_registration_changes_only_the_status(store: Store) -> None:
     assert await store.get(rec.id) == attrs.evolve(rec, registration=FULL_STATUS)
 
 
+async def test_set_registrations_writes_a_batch_and_skips_unknown_ids(store: Store) -> None:
+    """The keeper's batch: each known instance gets its own status, unknown ids are skipped
+    and not counted, and the rest of each record is left alone."""
+    recs = [make_record(n) for n in range(1, 4)]
+    for rec in recs:
+        await store.insert(rec)
+    statuses = [attrs.evolve(FULL_STATUS, granted_expires=600 + n) for n in range(3)]
+    items = [(rec.id, status) for rec, status in zip(recs, statuses, strict=True)]
+    assert await store.set_registrations([*items[:2], ("nope", FULL_STATUS), items[2]]) == 3
+    for rec, status in zip(recs, statuses, strict=True):
+        assert await store.get(rec.id) == attrs.evolve(rec, registration=status)
+    assert await store.set_registrations([]) == 0
+
+
 async def test_delete_removes_the_instance(store: Store) -> None:
     """After delete, the instance is gone by id and by token; a second delete says False."""
     a, b = make_record(1), make_record(2)
