@@ -226,7 +226,7 @@ class SipResolver:
         """
         if uri.scheme not in ("sip", "sips") or not uri.host:
             raise ResolveError(f"cannot resolve a {uri.scheme}: URI")
-        address = _normal_ip(uri.host)
+        address = _normal_ip(uri.host.rstrip("."))  # "192.0.2.1." is the literal too
         if address is None:
             return None
         transport = default_transport(uri)

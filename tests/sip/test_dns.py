@@ -36,6 +36,11 @@ async def test_an_ip_literal_needs_no_lookup_and_gets_default_ports() -> None:
     assert await resolver.resolve(uri("sip:127.0.0.1:5070;transport=TCP")) == [
         Target("tcp", "127.0.0.1", 5070)]
     assert await resolver.resolve(uri("sip:[::1]:5080")) == [Target("udp", "::1", 5080)]
+    # A fully qualified (trailing-dot) literal is the literal, with or without a lookup.
+    assert await resolver.resolve(uri("sip:127.0.0.1.:5070")) == [
+        Target("udp", "127.0.0.1", 5070)]
+    assert resolver.resolve_now(uri("sip:127.0.0.1.")) == [Target("udp", "127.0.0.1", 5060)]
+    assert resolver.resolve_now(uri("sip:example.net")) is None
     assert resolver.queries_sent == 0
 
 
