@@ -1025,29 +1025,27 @@ class SipEndpoint:
         reason = ", ".join(reasons) if reasons else None
         rest = self._server_send_now(record, make_response(request, 200, to_tag=handle.to_tag))
         if isinstance(rest, list):  # the 200 waits for the transport: the rest after it
-            nursery.start_soon(self._cancel_answered, record, rest, handle, reason)
+            nursery.start_soon(self._cancel_answered, record, rest, handle, reason, nursery)
             return
-        if handle.state is not InviteTxState.PROCEEDING:
-            return  # the final is out already: the CANCEL has no effect on the INVITE
-        handle._cancel(reason)
-        if not handle._managed:
-            nursery.start_soon(self._cancel_for_legacy, handle)
+        self._cancel_invite(handle, reason, nursery)
 
     async def _cancel_answered(self, record: _ServerTx, rest: list[bytes],
-                               handle: ServerInviteHandle, reason: str | None) -> None:
+                               handle: ServerInviteHandle, reason: str | None,
+                               nursery: trio.Nursery) -> None:
         """The rest of ``_cancel_received`` once its 200 has been sent."""
         with trio.CancelScope(shield=True):
             await self._transmit(record, rest)
-        if handle.state is not InviteTxState.PROCEEDING:
-            return
-        handle._cancel(reason)
-        if not handle._managed:
-            await self._cancel_for_legacy(handle)
+        self._cancel_invite(handle, reason, nursery)
 
     @staticmethod
-    async def _cancel_for_legacy(handle: ServerInviteHandle) -> None:
-        """A legacy handler cannot hear of a CANCEL: the 487 is sent for it."""
-        await handle.send_final(handle.make_response(487))
+    def _cancel_invite(handle: ServerInviteHandle, reason: str | None,
+                       nursery: trio.Nursery) -> None:
+        """Tell the INVITE's handle of the CANCEL its 200 answered."""
+        if handle.state is not InviteTxState.PROCEEDING:
+            return  # the final is out already: the CANCEL has no effect on the INVITE
+        handle._cancel(reason)
+        if not handle._managed:  # a legacy handler cannot hear of it: the 487 is sent for it
+            nursery.start_soon(handle.send_final, handle.make_response(487))
 
     async def send_response(self, response: SipResponse, source: Source) -> None:
         """Send a response to a request received from ``source`` (provisionals, late finals).
@@ -1567,7 +1565,7 @@ class ServerInviteHandle:
         self.final_status: int | None = None
         self.send_failures = 0
         # Made by a waiter only, set and dropped at the next change: most handles are never
-        # waited on, and three events each (with their task sets) were a tenth of what a
+        # waited on, and four events each (with their task sets) were a tenth of what a
         # call's transaction kept alive for Timer I.
         self._changed: trio.Event | None = None
         self._on_cancel: Callable[[str | None], None] | None = None
