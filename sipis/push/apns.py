@@ -1434,14 +1434,11 @@ class ApnsClient:
         attempts = 0
         while True:
             attempts += 1
-            if first is not None:
-                jwt, attempt = first.jwt, self._attempt(prepared, first.jwt, first)
-                first = None
-            else:
-                jwt = self._tokens.token()
-                attempt = self._attempt(prepared, jwt, None)
+            this, first = first, None  # a started push is its first try only
+            jwt = this.jwt if this is not None else self._tokens.token()
             try:
-                status, response_headers, response_body = await attempt
+                status, response_headers, response_body = await self._attempt(
+                    prepared, jwt, this)
             except _Unprocessed as exc:
                 if resent:
                     raise PushRetryable(f"not processed by APNs: {exc.reason}") from None
@@ -1461,17 +1458,16 @@ class ApnsClient:
 
     async def _attempt(self, prepared: _Prepared, jwt: str, started: _Started | None
                        ) -> tuple[int, dict[str, str], bytes]:
-        if started is not None:
+        if started is not None:  # on the wire already: only its answer is awaited
             ex = started.ex
+            answered = started.conn.answer(ex)
         else:
             conn = await self._connection(prepared.endpoint)
             ex = _Exchange()
+            answered = conn.exchange(ex, prepared.headers(jwt), prepared.body)
         timeout = self._settings.request_timeout
         with trio.move_on_after(timeout) as scope:
-            if started is not None:
-                await started.conn.answer(ex)
-            else:
-                await conn.exchange(ex, prepared.headers(jwt), prepared.body)
+            await answered
         stream = ex.stream
         if scope.cancelled_caught or stream is None:
             if stream is None or stream.end_offset is None:
