@@ -118,6 +118,13 @@ class KeeperConfig:
     transports: tuple[str, ...] = ("udp", "tcp")  # what we listen on, i.e. can put in a Contact
 
 
+#: The least time (seconds) the dispatcher sleeps when it waits for bucket tokens.
+TOKEN_WAIT_BATCH = 0.001
+
+#: A token counts as whole from this (refills are float sums of elapsed time × rate).
+_WHOLE_TOKEN = 1.0 - 1e-9
+
+
 class TokenBucket:
     """A token bucket on trio's clock: ``rate`` tokens per second, at most ``burst`` saved up."""
 
@@ -141,10 +148,18 @@ class TokenBucket:
         if self._lock.locked():
             return False
         self._refill(trio.current_time())
-        if self._tokens >= 1.0:
+        if self._tokens >= _WHOLE_TOKEN:
             self._tokens -= 1.0
             return True
         return False
+
+    def wait_time(self) -> float:
+        """Seconds until ``try_acquire`` may succeed (a token's time when one waits in line)."""
+        if self._lock.locked():
+            return 1.0 / self.rate
+        self._refill(trio.current_time())
+        # At least 10 µs: a float clock adds nothing smaller to a large time.
+        return max(1e-5, (1.0 - self._tokens) / self.rate)
 
     async def acquire(self) -> None:
         """Wait until a token is free and take it."""
@@ -220,12 +235,20 @@ class RegistrationKeeper:
         # Status changes waiting for the batch writer: id → (entry, status).
         self._unsaved: dict[str, tuple[_Entry, RegistrationStatus]] = {}
         self._unsaved_event = trio.Event()
+        # Task-less drives that ran out of bucket tokens mid-registration, oldest first
+        # (the dispatcher goes on with them): (entry, its queue, targets, slot).
+        self._out_of_tokens: collections.deque[
+            tuple[_Entry, collections.deque[SendRegister], Sequence[Target], bool]
+        ] = collections.deque()
+        self._dispatch_stopped = False
+        self._slot_wanted: trio.Event | None = None  # the dispatcher waits for a free slot
 
     # -- lifecycle --------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run the dispatcher and the flow watcher until cancelled."""
+        """Run the dispatcher, the flow watcher and the status writer until cancelled."""
         self._wall_offset = time.time() - trio.current_time()
+        self._dispatch_stopped = False
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -395,45 +418,83 @@ class RegistrationKeeper:
             entry.scheduled_at = None  # lazy heap deletion
 
     async def _dispatch(self) -> None:
-        """Fire bindings as they fall due, one bucket token each."""
-        while True:
-            self._wakeup = trio.Event()
-            if not self._heap:
-                await self._wakeup.wait()
-                continue
-            at, _, instance_id = self._heap[0]
-            entry = self._entries.get(instance_id)
-            if entry is None or entry.scheduled_at != at:
-                heapq.heappop(self._heap)  # stale
-                continue
-            now = trio.current_time()
-            if at > now:
-                with trio.move_on_at(at):
+        """Spend the bucket's tokens: first on the drives that ran out of them mid-registration
+        (a 401's authenticated REGISTER; they hold in-flight slots already), then on the
+        bindings falling due, one token and one in-flight slot each.
+
+        One task serves both, and every token free when it wakes: at the rate limit, a task
+        or a sleep per waiting REGISTER cost ~10 % of a registration's CPU. On stop, the
+        drives still waiting end without sending.
+        """
+        waiting = self._out_of_tokens
+        bucket = self._bucket
+        try:
+            while True:
+                self._wakeup = trio.Event()
+                if waiting:
+                    if bucket.try_acquire():
+                        self._go_on_prepaid(*waiting.popleft())
+                    else:
+                        await self._until_token()
+                    continue
+                if not self._heap:
                     await self._wakeup.wait()
-                continue
-            if entry.busy:
-                # The running task will schedule it again; look at it then.
+                    continue
+                at, _, instance_id = self._heap[0]
+                entry = self._entries.get(instance_id)
+                if entry is None or entry.scheduled_at != at:
+                    heapq.heappop(self._heap)  # stale
+                    continue
+                if at > trio.current_time():
+                    with trio.move_on_at(at):
+                        await self._wakeup.wait()
+                    continue
+                if entry.busy:
+                    # The running drive will schedule it again; look at it then.
+                    heapq.heappop(self._heap)
+                    entry.scheduled_at = None
+                    continue
+                # Pay for the REGISTER (and take an in-flight slot) before starting it: a cold
+                # start with many due bindings then waits here, in the heap.
+                try:
+                    self._in_flight.acquire_nowait()
+                except trio.WouldBlock:
+                    # Until a drive ends (its slot), or one waits for a token.
+                    self._slot_wanted = trio.Event()
+                    await self._slot_wanted.wait()
+                    self._slot_wanted = None
+                    continue
+                if not bucket.try_acquire():
+                    self._in_flight.release()
+                    await self._until_token()
+                    continue
                 heapq.heappop(self._heap)
                 entry.scheduled_at = None
-                continue
-            # Pay for the REGISTER (and take an in-flight slot) before starting its task: a
-            # cold start with many due bindings then waits here, in the heap, not as
-            # thousands of waiting tasks.
-            try:  # a free slot is taken without a scheduler pass (trio's acquire has one)
-                self._in_flight.acquire_nowait()
-            except trio.WouldBlock:
-                await self._in_flight.acquire()
-            try:
-                await self._bucket.acquire()
-            except BaseException:
-                self._in_flight.release()
-                raise
-            if entry.scheduled_at != at or entry.busy or entry.record.id not in self._entries:
-                self._in_flight.release()
-                continue  # changed while we waited; the heap has its new schedule
-            heapq.heappop(self._heap)
-            entry.scheduled_at = None
-            self._fire(entry, prepaid=True, slot=True)
+                self._fire(entry, prepaid=True, slot=True)
+        finally:
+            self._dispatch_stopped = True
+            while waiting:
+                entry, _, _, slot = waiting.popleft()
+                self._drive_ended(entry, slot)
+
+    async def _until_token(self) -> None:
+        """Sleep until the bucket has a token (whatever else happens, it needs one).
+
+        At high rates it sleeps a little longer, for the tokens of up to
+        ``TOKEN_WAIT_BATCH`` seconds (never more than the burst holds): one wake-up then
+        sends several REGISTERs, instead of one scheduler pass each.
+        """
+        bucket = self._bucket
+        batch = min(TOKEN_WAIT_BATCH, (bucket.burst - 1.0) / bucket.rate)
+        await trio.sleep(max(bucket.wait_time(), batch))
+
+    def _go_on_prepaid(self, entry: _Entry, queue: collections.deque[SendRegister],
+                       targets: Sequence[Target], slot: bool) -> None:
+        try:
+            self._go_on(entry, queue, targets, prepaid=True, slot=slot)
+        except Exception:
+            log.exception("instance=%s: registration step failed", _short(entry.record.id))
+            self._drive_ended(entry, slot)
 
     def _fire(self, entry: _Entry, *, prepaid: bool, slot: bool = False) -> None:
         """Drive ``entry``; ``slot``: it holds an in-flight slot to release.
@@ -468,9 +529,16 @@ class RegistrationKeeper:
             self._drive_ended(entry, slot)
             return
         if not prepaid and not self._bucket.try_acquire():
-            # Out of tokens: wait for one in a task, which carries the rest of the drive.
-            assert self._nursery is not None
-            self._nursery.start_soon(self._drive_sends, entry, list(queue), slot)
+            # Out of tokens (the dispatcher spends them as they come when many bindings are
+            # due): the dispatcher goes on with this drive, before any new one, at its next
+            # token.
+            if self._dispatch_stopped:  # the keeper is stopping: nothing more goes out
+                self._drive_ended(entry, slot)
+                return
+            self._out_of_tokens.append((entry, queue, targets, slot))
+            self._wakeup.set()  # the dispatcher may wait for a due time, or be idle
+            if self._slot_wanted is not None:
+                self._slot_wanted.set()
             return
         send = queue.popleft()
         self.registers_sent += 1
@@ -519,6 +587,8 @@ class RegistrationKeeper:
         entry.busy = False
         if slot:
             self._in_flight.release()
+            if self._slot_wanted is not None:
+                self._slot_wanted.set()
 
     def _run_actions(self, entry: _Entry, actions: list[Action]) -> None:
         """Actions produced outside a driving task (remove): hand sends to a new task."""

@@ -6,6 +6,7 @@ a real Kamailio are in tests/test_registration_kamailio.py.
 
 from __future__ import annotations
 
+import collections
 import random
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -47,6 +48,7 @@ class FakeRegistrar:
         self.grant = grant
         self.password = password
         self.down = False
+        self.delay = 0.001  # before each answer
         self.seen: list[tuple[float, SipRequest]] = []
         self.bindings: dict[str, float] = {}  # contact token -> expiry time
         self.flow_send, self.flow_recv = trio.open_memory_channel[object](100)
@@ -56,7 +58,7 @@ class FakeRegistrar:
     async def request(self, request: SipRequest, targets: Sequence[object]) -> FakeResult:
         now = trio.current_time()
         self.seen.append((now, request))
-        await trio.sleep(0.001)
+        await trio.sleep(self.delay)
         if self.down:
             await trio.sleep(32)
             raise TransactionTimeout("Timer F")
@@ -283,6 +285,102 @@ async def test_many_adopted_instances_are_paced_by_the_rate_limit(
         # Statuses are written in batches, not one transaction per REGISTER.
         assert sum(store.batches) >= 1000 and len(store.batches) < 200
         nursery.cancel_scope.cancel()
+
+
+async def test_drives_out_of_tokens_go_on_without_a_task_each(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """At the rate limit the dispatcher spends each token as it comes, so a 401's
+    authenticated REGISTER finds the bucket empty: it waits in the keeper's one queue,
+    served in order, instead of in a task of its own; the rate limit still holds."""
+    registrar = FakeRegistrar(grant=3600)
+    async with trio.open_nursery() as nursery:
+        keeper = await start_keeper(nursery, registrar)
+        tasks: list[str] = []
+        drive_sends = keeper._drive_sends
+
+        async def counted(entry: Any, sends: Any, slot: bool = False) -> None:
+            tasks.append(entry.record.id)
+            await drive_sends(entry, sends, slot)
+
+        keeper._drive_sends = counted  # type: ignore[method-assign]
+        waited = 0
+        for n in range(300):
+            keeper.adopt(record(n))
+        while len(registrar.bindings) < 300:
+            await trio.sleep(0.05)
+            waited = max(waited, len(keeper._out_of_tokens))
+        assert tasks == []
+        if RESOLVER is LiteralResolver:
+            assert waited > 0  # the queue was used: the bucket did run dry mid-drive
+        times = sorted(t for t, _ in registrar.seen)
+        j = 0
+        for i, t in enumerate(times):
+            while times[j] < t - 1.0:
+                j += 1
+            assert i - j + 1 <= CONFIG.register_rate + CONFIG.register_burst
+        await trio.sleep(1)
+        assert keeper._in_flight.value == MAX_IN_FLIGHT
+        assert not any(entry.busy for entry in keeper._entries.values())
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_idle_dispatcher_goes_on_with_a_drive_out_of_tokens(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A create's first REGISTER takes the bucket's last token; its authenticated REGISTER
+    then waits for the next one, and the idle dispatcher is woken to send it."""
+    registrar = FakeRegistrar()
+    config = attrs.evolve(CONFIG, register_rate=1.0, register_burst=1)
+    async with trio.open_nursery() as nursery:
+        keeper = await start_keeper(nursery, registrar, config=config)
+        with trio.fail_after(10):
+            outcome = await keeper.register_first(record(1))
+        assert outcome.registered
+        assert [t for t, _ in registrar.seen][1] >= 0.99  # one token per second
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_dispatcher_waiting_for_a_slot_goes_on_with_drives_out_of_tokens(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Every in-flight slot is taken and the burst is spent: the drives holding the slots
+    wait for tokens, so no slot frees until the dispatcher, waiting for one, serves them."""
+    registrar = FakeRegistrar(grant=3600)
+    registrar.delay = 0.5
+    config = attrs.evolve(CONFIG, register_rate=1.0, register_burst=MAX_IN_FLIGHT)
+    async with trio.open_nursery() as nursery:
+        keeper = await start_keeper(nursery, registrar, config=config)
+        for n in range(MAX_IN_FLIGHT + 10):
+            keeper.adopt(record(n))
+        with trio.fail_after(400):  # 2 × 138 REGISTERs, the first 128 at once, then 1/s
+            while len(registrar.bindings) < MAX_IN_FLIGHT + 10:
+                await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+
+
+async def test_drives_waiting_for_tokens_end_when_the_keeper_stops(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Stopping the keeper ends the drives that wait for a token: nothing more is sent,
+    and each gives its in-flight slot back."""
+    registrar = FakeRegistrar(grant=3600)
+    async with trio.open_nursery() as nursery:
+        keeper = await start_keeper(nursery, registrar)
+        for n in range(200):
+            keeper.adopt(record(n))
+        while not keeper._out_of_tokens and len(registrar.bindings) < 200:
+            await trio.sleep(0.01)
+        queued = len(keeper._out_of_tokens)
+        nursery.cancel_scope.cancel()
+    seen = len(registrar.seen)
+    await trio.sleep(5)  # the REGISTERs in flight are answered; their drives end
+    assert keeper._out_of_tokens == collections.deque()
+    if RESOLVER is LiteralResolver:
+        assert queued > 0
+        assert len(registrar.seen) == seen  # the queued drives sent nothing more
+    assert keeper._in_flight.value == MAX_IN_FLIGHT
+    assert not any(entry.busy for entry in keeper._entries.values())
 
 
 async def test_remove_sends_expires_zero_and_forgets(
