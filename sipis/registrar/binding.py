@@ -377,7 +377,9 @@ class Binding:
         return [
             self._status(),
             Schedule(at),
-            *self._outcome(Outcome(True, response.status, response.reason)),
+            # (An adopted binding reports no outcome: no Outcome made for each refresh.)
+            *(() if self._outcome_sent else self._outcome(
+                Outcome(True, response.status, response.reason))),
         ]
 
     def _granted_expires(self, response: SipResponse) -> int:

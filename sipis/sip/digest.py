@@ -80,6 +80,8 @@ _BARE_VALUE = re.compile(r"[^\s,\"]+")
 _NC = re.compile(r"[0-9A-Fa-f]{8}")
 # Characters that may not appear in a value we put on the wire (header injection).
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# A value that goes between quotes as it is: no control character, quote or backslash.
+_PLAIN_QUOTED = re.compile(r"[^\x00-\x08\x0a-\x1f\x7f\"\\]*")
 
 
 def _canonical_algorithm(name: str) -> str | None:
@@ -192,6 +194,8 @@ def _read_quoted(text: str, pos: int, what: str, echo: bool) -> tuple[str, int]:
 
 def _quote(value: str, what: str) -> str:
     """``value`` as a quoted-string; DigestError if it cannot be sent safely."""
+    if _PLAIN_QUOTED.fullmatch(value):  # nothing to escape or refuse: the common case
+        return f'"{value}"'
     if _CONTROL.search(value):
         raise DigestError(f"{what} contains a control character")
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'

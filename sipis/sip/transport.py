@@ -38,7 +38,6 @@ Socket, ssl and trio errors become ``TransportError`` here; nothing else leaves 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import functools
@@ -707,8 +706,11 @@ class NetworkTransport:
 
     async def _emit(self, event: TransportEvent) -> None:
         assert self._events is not None
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await self._events.send(event)  # fails only while the endpoint shuts down
+        # Not contextlib.suppress: this runs for every message received.
+        try:  # noqa: SIM105
+            await self._events.send(event)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # only while the endpoint shuts down
 
     def _emit_nowait(self, event: TransportEvent) -> None:
         if self._events is None:

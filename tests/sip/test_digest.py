@@ -457,3 +457,18 @@ def test_parse_credentials_requires_nc_and_cnonce_with_qop() -> None:
         parse_credentials(base + ", nc=00000001")
     creds = parse_credentials(base + ', cnonce="c", nc=0000000A, algorithm=md5')
     assert (creds.nonce_count, creds.algorithm) == (10, "MD5")
+
+
+@given(st.text(alphabet=st.sampled_from('ab\\"\x00\x09\x0a\x1f\x7f é'), max_size=12))
+def test_quoting_takes_plain_values_as_they_are_and_escapes_or_refuses_the_rest(
+    value: str,
+) -> None:
+    """``_quote``'s fast path gives what the escaping path gives, and refuses the same."""
+    from sipis.sip import digest
+
+    if re.search(r"[\x00-\x08\x0a-\x1f\x7f]", value):
+        with pytest.raises(DigestError, match="control character"):
+            digest._quote(value, "nonce")
+        return
+    expected = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    assert digest._quote(value, "nonce") == expected
