@@ -952,3 +952,48 @@ async def test_tls_stream_sends_what_the_socket_takes_and_flushes_the_rest(
         assert bytes(received) == payload
         tls.close_now()
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("status", [
+    [(b":status", b"abc")],
+    [(b":status", b"2000")],
+    [(b":status", b"200"), (b":status", b"500")],
+])
+async def test_an_answer_with_an_invalid_status_fails_its_push_not_the_connection(
+        autojump_clock: trio.testing.MockClock, status: list[tuple[bytes, bytes]]) -> None:
+    """h2 does not check :status (and sipis skips its generic inbound checks): a malformed
+    or repeated one fails that push with a PushError; it used to raise ValueError in the
+    reader. The connection carries on."""
+    conn, tls = quiet_connection()
+    conn._h2.initiate_connection()
+    conn._flush_h2()
+    conn._ready.set()
+    server = h2.connection.H2Connection(h2.config.H2Configuration(
+        client_side=False, validate_outbound_headers=False, normalize_outbound_headers=False))
+    server.initiate_connection()
+    server.receive_data(tls.writes[0])
+    conn._receive(server.data_to_send())
+    sent = len(tls.writes)  # the preface, read above
+    headers = [(b":method", b"POST"), (b":scheme", b"https"), (b":authority", b"apns"),
+               (b":path", b"/3/device/" + b"a" * 64)]
+    ex = _Exchange()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(conn._write_loop)
+        failed = trio.Event()
+
+        async def push() -> None:
+            with pytest.raises(PushError, match="invalid :status"):
+                await conn.exchange(ex, headers, b'{"aps":{}}')
+            failed.set()
+
+        nursery.start_soon(push)
+        await trio.testing.wait_all_tasks_blocked()
+        for data in tls.writes[sent:]:
+            server.receive_data(data)
+        server.send_headers(1, status)
+        server.send_data(1, b"", end_stream=True)
+        conn._receive(server.data_to_send())
+        with trio.fail_after(5):
+            await failed.wait()
+        nursery.cancel_scope.cancel()
+    assert conn.usable
