@@ -118,6 +118,13 @@ class KeeperConfig:
     transports: tuple[str, ...] = ("udp", "tcp")  # what we listen on, i.e. can put in a Contact
 
 
+#: ``RegState`` → the API's ``registration.state``: IDLE and UNREGISTERING are passing
+#: states of the machine, not of the API.
+_API_STATES: dict[RegState, str] = {
+    **{state: state.value for state in RegState},
+    RegState.IDLE: "registering", RegState.UNREGISTERING: "unregistered",
+}
+
 #: The least time (seconds) the dispatcher sleeps when it waits for bucket tokens.
 TOKEN_WAIT_BATCH = 0.001
 
@@ -336,11 +343,7 @@ class RegistrationKeeper:
         entry = self._entries.get(instance_id)
         if entry is None:
             return None
-        b = entry.binding
-        return self._to_status(
-            StatusChanged(b.state, b.last_error, b.next_attempt_at, b.granted_expires,
-                          b.last_registered_at)
-        )
+        return self._status_of(entry.binding)
 
     def registered_since(self, instance_id: str) -> tuple[bool, float | None] | None:
         """(registered now?, wall time of the last success) without building a status: the
@@ -735,11 +738,7 @@ class RegistrationKeeper:
         last_registered_at is older than PERSIST_REGISTERED_EVERY in the store)."""
         if entry.removed or entry.record.id not in self._entries:
             return
-        b = entry.binding
-        status = self._to_status(
-            StatusChanged(b.state, b.last_error, b.next_attempt_at, b.granted_expires,
-                          b.last_registered_at)
-        )
+        status = self._status_of(entry.binding)
         old = entry.persisted
         if old is not None and old.state == status.state and old.last_error == status.last_error:
             stale = (status.last_registered_at or 0.0) - (old.last_registered_at or 0.0)
@@ -778,20 +777,16 @@ class RegistrationKeeper:
             entry.persisted = status
         return stored
 
-    def _to_status(self, s: StatusChanged) -> RegistrationStatus:
-        def wall(t: float | None) -> float | None:
-            return None if t is None else t + self._wall_offset
-
-        # IDLE and UNREGISTERING are passing states of the machine, not of the API.
-        state = {RegState.IDLE: "registering", RegState.UNREGISTERING: "unregistered"}.get(
-            s.state, s.state.value
-        )
+    def _status_of(self, b: Binding) -> RegistrationStatus:
+        """The binding's status as the API and the store show it (wall-clock times)."""
+        offset = self._wall_offset
+        at, last = b.next_attempt_at, b.last_registered_at
         return RegistrationStatus(
-            state=state,
-            last_error=s.last_error,
-            next_attempt_at=wall(s.next_attempt_at),
-            granted_expires=s.granted_expires,
-            last_registered_at=wall(s.last_registered_at),
+            state=_API_STATES[b.state],
+            last_error=b.last_error,
+            next_attempt_at=None if at is None else at + offset,
+            granted_expires=b.granted_expires,
+            last_registered_at=None if last is None else last + offset,
         )
 
     async def _watch_flows(self) -> None:
