@@ -179,7 +179,7 @@ def _drop_params(params: Params, names: Iterable[str]) -> Params:
 
 
 def _format_params(params: Params) -> str:
-    return "".join(f";{n}" if v is None else f";{n}={v}" for n, v in params)
+    return "".join([f";{n}" if v is None else f";{n}={v}" for n, v in params])
 
 
 def _format_host(host: str) -> str:
