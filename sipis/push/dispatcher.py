@@ -13,7 +13,7 @@ import random
 import types
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from typing import Final
+from typing import Final, cast
 
 import attrs
 import trio
@@ -69,6 +69,7 @@ class PushDispatcher:
                  backoff_cap: float = 8.0, rng: random.Random | None = None,
                  on_request_done: Callable[[str, float], None] | None = None) -> None:
         self._clients = dict(clients)
+        self._starting = _starting_clients(self._clients)
         self._on_request_done = on_request_done
         self._base = backoff_base
         self._cap = backoff_cap
@@ -91,8 +92,8 @@ class PushDispatcher:
         """Send ``request`` at once, from the caller's task, if its client can (see
         ``StartingPushClient``); pass the result to ``send``, which waits for the answer.
         None: ``send`` does all of it."""
-        client = self._clients.get(request.target.provider)
-        if not isinstance(client, StartingPushClient):
+        client = self._starting.get(request.target.provider)
+        if client is None:
             return None
         try:
             inner = client.start(request)
@@ -162,9 +163,10 @@ class PushDispatcher:
                 started = trio.current_time()
                 try:
                     if first is not None:
-                        assert isinstance(client, StartingPushClient)
+                        # (``first`` came from ``start``: the client is a StartingPushClient.)
                         pending, first = first, None
-                        result = await client.send(request, pending)
+                        result = await cast(StartingPushClient, client).send(
+                            request, pending)
                     else:
                         result = await client.send(request)
                 except PushRetryable as exc:
@@ -215,6 +217,7 @@ class PushDispatcher:
         now on. Returns the old clients that are no longer used, for :meth:`retire`."""
         old = {id(c): c for c in self._clients.values()}
         self._clients = dict(clients)
+        self._starting = _starting_clients(self._clients)
         kept = {id(c) for c in self._clients.values()}
         return [c for key, c in old.items() if key not in kept]
 
@@ -270,3 +273,11 @@ class _DispatchStart(PushStart):
         owner, self.owner = self.owner, None
         if owner is not None:
             owner._done_with(self.client)
+
+
+def _starting_clients(clients: Mapping[str, PushClient]) -> dict[str, StartingPushClient]:
+    """The clients that can ``start`` a push, by provider: asked once per set of clients,
+    since isinstance() against a runtime-checkable Protocol walks its members (it took
+    ~2 % of an INVITE's CPU, twice per push)."""
+    return {provider: client for provider, client in clients.items()
+            if isinstance(client, StartingPushClient)}

@@ -187,3 +187,34 @@ async def test_aclose_closes_each_client_once() -> None:
     shared = _client()
     await PushDispatcher({"apns": shared, "fcm": shared}).aclose()
     assert shared.closed == 1
+
+
+@attrs.define
+class StartingClient(ScriptedClient):
+    """A client that can start a push from the caller's task (``StartingPushClient``)."""
+
+    started: list[str] = attrs.Factory(list)
+
+    def start(self, request: PushRequest) -> object:
+        self.started.append(request.call)
+        return object()
+
+    async def send(self, request: PushRequest, started: object = None) -> PushResult:
+        return await super().send(request)
+
+
+async def test_start_follows_the_clients_a_sighup_puts_in_place(
+        clock: trio.testing.MockClock) -> None:
+    """Whether a provider's client can start a push is known per set of clients: after
+    ``replace_clients`` the new one starts it, or none does when the new one cannot."""
+    first, second = StartingClient(), StartingClient()
+    dispatcher = PushDispatcher({"fcm": first})
+    started = dispatcher.start(REQUEST)
+    assert started is not None and first.started == ["call-1"]
+    await dispatcher.send(REQUEST, deadline=trio.current_time() + 5, started=started)
+    dispatcher.replace_clients({"fcm": second})
+    started = dispatcher.start(REQUEST)
+    assert started is not None and second.started == ["call-1"] and first.started == ["call-1"]
+    await dispatcher.send(REQUEST, deadline=trio.current_time() + 5, started=started)
+    dispatcher.replace_clients({"fcm": _client()})
+    assert dispatcher.start(REQUEST) is None
