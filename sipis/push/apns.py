@@ -87,6 +87,7 @@ from sipis.push.base import (
     PushRetryable,
     PushStart,
     PushTarget,
+    compact_json,
 )
 
 __all__ = [
@@ -234,7 +235,7 @@ def build_payload(req: PushRequest) -> dict[str, Any]:
 
 
 def _encode(payload: Mapping[str, Any]) -> bytes:
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+    return compact_json(payload)
 
 
 def _fitting_body(req: PushRequest, limit: int) -> bytes:

@@ -18,7 +18,9 @@ Errors (one line each: when raised, what the caller does):
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+import json
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
 
 import attrs
 
@@ -159,3 +161,12 @@ class StartingPushClient(PushClient, Protocol):
 
     async def send(self, request: PushRequest, started: PushStart | None = None
                    ) -> PushResult: ...
+
+
+# One encoder for every push body: json.dumps with options builds a new one per call.
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
+def compact_json(value: Mapping[str, Any]) -> bytes:
+    """``value`` as compact UTF-8 JSON (a push body: APNs payload, FCM message)."""
+    return _COMPACT_JSON.encode(value).encode()

@@ -53,6 +53,7 @@ from sipis.push.base import (
     PushRequest,
     PushResult,
     PushRetryable,
+    compact_json,
 )
 
 logger = logging.getLogger(__name__)
@@ -177,7 +178,7 @@ def build_message(request: PushRequest, *, call_ttl: float,
 def encode_body(request: PushRequest, *, call_ttl: float, ttl: float | None = None) -> bytes:
     """:func:`build_message` as compact UTF-8 JSON."""
     message = build_message(request, call_ttl=call_ttl, ttl=ttl)
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode()
+    return compact_json(message)
 
 
 def parse_retry_after(value: str | None, *, now: float) -> float | None:
