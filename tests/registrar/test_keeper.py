@@ -184,6 +184,29 @@ async def start_keeper(nursery: trio.Nursery, registrar: FakeRegistrar,
     return keeper
 
 
+def record_drives(keeper: RegistrationKeeper, method: str) -> list[str]:
+    """Wrap the keeper's task coroutine ``method``: the instance ids it was started for."""
+    started: list[str] = []
+    inner = getattr(keeper, method)
+
+    async def counted(entry: Any, *args: Any) -> None:
+        started.append(entry.record.id)
+        await inner(entry, *args)
+
+    setattr(keeper, method, counted)
+    return started
+
+
+def assert_paced(times: list[float], config: KeeperConfig) -> None:
+    """In any window of one second: at most rate + burst REGISTERs."""
+    times = sorted(times)
+    j = 0
+    for i, t in enumerate(times):
+        while times[j] < t - 1.0:
+            j += 1
+        assert i - j + 1 <= config.register_rate + config.register_burst
+
+
 async def test_register_first_waits_for_the_authenticated_outcome(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -208,14 +231,7 @@ async def test_a_registrar_by_ip_literal_is_kept_without_a_task_per_registration
     registrar = FakeRegistrar()
     async with trio.open_nursery() as nursery:
         keeper = await start_keeper(nursery, registrar)
-        drives: list[str] = []
-        task_drive = keeper._drive
-
-        async def counted(entry: Any, prepaid: bool, slot: bool = False) -> None:
-            drives.append(entry.record.id)
-            await task_drive(entry, prepaid, slot)
-
-        keeper._drive = counted  # type: ignore[method-assign]
+        drives = record_drives(keeper, "_drive")
         for n in range(3):
             keeper.adopt(record(n))
         await trio.sleep(130)  # registered, then refreshed twice (grant 60, ratio 0.8)
@@ -274,12 +290,7 @@ async def test_many_adopted_instances_are_paced_by_the_rate_limit(
         assert len(registrar.bindings) == 1000
         times = sorted(t for t, _ in registrar.seen)
         start = times[0]
-        # In any window of one second: at most rate + burst REGISTERs.
-        j = 0
-        for i, t in enumerate(times):
-            while times[j] < t - 1.0:
-                j += 1
-            assert i - j + 1 <= CONFIG.register_rate + CONFIG.register_burst
+        assert_paced(times, CONFIG)
         assert times[-1] - start >= (2000 - CONFIG.register_burst) / CONFIG.register_rate - 1
         assert store.statuses["inst000999"].state == "registered"
         # Statuses are written in batches, not one transaction per REGISTER.
@@ -296,14 +307,7 @@ async def test_drives_out_of_tokens_go_on_without_a_task_each(
     registrar = FakeRegistrar(grant=3600)
     async with trio.open_nursery() as nursery:
         keeper = await start_keeper(nursery, registrar)
-        tasks: list[str] = []
-        drive_sends = keeper._drive_sends
-
-        async def counted(entry: Any, sends: Any, slot: bool = False) -> None:
-            tasks.append(entry.record.id)
-            await drive_sends(entry, sends, slot)
-
-        keeper._drive_sends = counted  # type: ignore[method-assign]
+        tasks = record_drives(keeper, "_drive_sends")
         waited = 0
         for n in range(300):
             keeper.adopt(record(n))
@@ -313,12 +317,7 @@ async def test_drives_out_of_tokens_go_on_without_a_task_each(
         assert tasks == []
         if RESOLVER is LiteralResolver:
             assert waited > 0  # the queue was used: the bucket did run dry mid-drive
-        times = sorted(t for t, _ in registrar.seen)
-        j = 0
-        for i, t in enumerate(times):
-            while times[j] < t - 1.0:
-                j += 1
-            assert i - j + 1 <= CONFIG.register_rate + CONFIG.register_burst
+        assert_paced([t for t, _ in registrar.seen], CONFIG)
         await trio.sleep(1)
         assert keeper._in_flight.value == MAX_IN_FLIGHT
         assert not any(entry.busy for entry in keeper._entries.values())
