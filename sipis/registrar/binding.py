@@ -271,11 +271,14 @@ class Binding:
             last_registered_at=self.last_registered_at,
         )
 
-    def _outcome(self, outcome: Outcome) -> list[Action]:
+    def _outcome(self, registered: bool, status: int | None, reason: str,
+                 failure: FailureKind | None = None) -> list[Action]:
+        """The first attempt's ``Outcome``, made only then: an adopted binding reports none,
+        and its refreshes need not build one each."""
         if self._outcome_sent:
             return []
         self._outcome_sent = True
-        return [outcome]
+        return [Outcome(registered, status, reason, failure)]
 
     def _shared_lines(self) -> tuple[Headers, str]:
         """The lines every REGISTER of this binding carries, and the registrar URI's text:
@@ -377,9 +380,7 @@ class Binding:
         return [
             self._status(),
             Schedule(at),
-            # (An adopted binding reports no outcome: no Outcome made for each refresh.)
-            *(() if self._outcome_sent else self._outcome(
-                Outcome(True, response.status, response.reason))),
+            *self._outcome(True, response.status, response.reason),
         ]
 
     def _granted_expires(self, response: SipResponse) -> int:
@@ -402,7 +403,6 @@ class Binding:
 
     def _auth_failed(self, now: float, status: int, reason: str) -> list[Action]:
         self._auth_failures += 1
-        rejected = Outcome(False, status, reason)
         if self._auth_failures >= self.policy.auth_failures_before_give_up or not (
             self._outcome_sent
         ):
@@ -416,7 +416,7 @@ class Binding:
             return [
                 self._status(),
                 Schedule(self.next_attempt_at),
-                *self._outcome(rejected),
+                *self._outcome(False, status, reason),
             ]
         self._last_challenge = None
         return self._backoff(now, reason, status=status)
@@ -439,7 +439,7 @@ class Binding:
         return [
             self._status(),
             Schedule(self.next_attempt_at),
-            *self._outcome(Outcome(False, status, reason, failure)),
+            *self._outcome(False, status, reason, failure),
         ]
 
     def _unregister_response(self, response: SipResponse, now: float) -> list[Action]:
