@@ -496,8 +496,7 @@ class RegistrationKeeper:
         try:
             self._go_on(entry, queue, targets, prepaid=True, slot=slot)
         except Exception:
-            log.exception("instance=%s: registration step failed", _short(entry.record.id))
-            self._drive_ended(entry, slot)
+            self._step_failed(entry, slot)
 
     def _fire(self, entry: _Entry, *, prepaid: bool, slot: bool = False) -> None:
         """Drive ``entry``; ``slot``: it holds an in-flight slot to release.
@@ -520,8 +519,7 @@ class RegistrationKeeper:
             queue = collections.deque(self._apply_local(entry, self._due_actions(entry)))
             self._go_on(entry, queue, targets, prepaid=prepaid, slot=slot)
         except Exception:
-            log.exception("instance=%s: registration step failed", _short(entry.record.id))
-            self._drive_ended(entry, slot)
+            self._step_failed(entry, slot)
 
     def _go_on(self, entry: _Entry, queue: collections.deque[SendRegister],
                targets: Sequence[Target], *, prepaid: bool, slot: bool) -> None:
@@ -556,8 +554,7 @@ class RegistrationKeeper:
                     return
                 self._go_on(entry, queue, targets, prepaid=False, slot=slot)
             except Exception:
-                log.exception("instance=%s: registration step failed", _short(entry.record.id))
-                self._drive_ended(entry, slot)
+                self._step_failed(entry, slot)
 
         try:
             self._endpoint.start_request(send.request, self._usable(entry, targets), answered)
@@ -585,6 +582,12 @@ class RegistrationKeeper:
             entry.needs_start = False
             return entry.binding.start(now)
         return entry.binding.on_timer(now)
+
+    def _step_failed(self, entry: _Entry, slot: bool) -> None:
+        """A task-less drive step raised (a bug): log it and end the drive, so that the
+        binding is not left busy and its slot is given back."""
+        log.exception("instance=%s: registration step failed", _short(entry.record.id))
+        self._drive_ended(entry, slot)
 
     def _drive_ended(self, entry: _Entry, slot: bool) -> None:
         entry.busy = False
