@@ -9,19 +9,18 @@ Strategy:
 - :class:`ApnsTokenProvider` signs the ES256 provider token (JWT) and keeps it for
   ``refresh_after`` (40 min): Apple refuses tokens older than 60 min and tokens renewed more
   often than every 20 min, so the middle of that window is the safe place.
-- :class:`ApnsClient` is a thin HTTP/2 client of our own on ``h2`` over trio TLS. httpx cost
-  about 1.9 ms of CPU per push where the target is aioapns' ~0.6 ms; a client that only ever
-  POSTs small bodies to one host needs little of httpx anyway. One connection per endpoint
-  (``max_connections``) carries as many concurrent streams as the server's
-  ``SETTINGS_MAX_CONCURRENT_STREAMS`` allows.
-- Each connection runs three tasks: a reader (all h2 events), a writer (the only task that
-  writes to the socket, so a push cancelled by its caller can never break the connection in
-  the middle of a write), and a pinger that drops a connection that stopped answering PINGs,
-  so that a call is not pushed into a dead socket.
-- GOAWAY frames are lifted out of the inbound byte stream before h2 sees them: h2 treats a
-  received GOAWAY as the end of the connection and would refuse the answers to the streams
-  the server still finishes (RFC 9113 §6.8). We handle GOAWAY ourselves: no new streams, and
-  streams above ``last_stream_id`` are known not to have been processed.
+- :class:`ApnsClient` is a thin HTTP/2 client of our own over trio TLS: the HTTP/2 state is
+  ``sipis.push.http2`` (sans-IO, client requests only). httpx cost about 1.9 ms of CPU per
+  push where the target is aioapns' ~0.6 ms, and h2's general state machine was then the
+  largest part of ours: a client that only ever POSTs small bodies to one host needs little
+  of either. One connection per endpoint (``max_connections``) carries as many concurrent
+  streams as the server's ``SETTINGS_MAX_CONCURRENT_STREAMS`` allows.
+- Each connection runs three tasks: a reader (all HTTP/2 events), a writer (the only task
+  that writes to the socket, so a push cancelled by its caller can never break the
+  connection in the middle of a write), and a pinger that drops a connection that stopped
+  answering PINGs, so that a call is not pushed into a dead socket.
+- A GOAWAY stops new streams; the streams the server still finishes are read to their end
+  (RFC 9113 §6.8), and streams above ``last_stream_id`` are known not to have been processed.
 
 Was a push possibly delivered? (a call must never ring twice because we sent it twice):
 
@@ -31,7 +30,7 @@ Was a push possibly delivered? (a call must never ring twice because we sent it 
 - anything else without an answer (timeout after sending, connection lost, stream reset with
   another code): **maybe** processed → ``PushError``, never resent.
 
-Errors (only ``sipis.push.base`` types leave this module; no trio, h2 or ssl exception):
+Errors (only ``sipis.push.base`` types leave this module; no trio, HTTP/2 or ssl exception):
 
     InvalidToken     410, BadDeviceToken, Unregistered; a token that cannot form a path
     PushRetryable    429, 5xx (``retry_after`` from Retry-After); cannot connect; provably
@@ -61,13 +60,6 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 import attrs
-import h2.config
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
-import hpack
 import trio
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -76,6 +68,7 @@ from hpack import NeverIndexedHeaderTuple
 
 from sipis import randomness
 from sipis.logs import redacted_token
+from sipis.push import http2
 from sipis.push.base import (
     InvalidToken,
     PushAuthError,
@@ -106,8 +99,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-# hpack logs every header it encodes at DEBUG, device tokens (in :path) and provider tokens
-# among them: keep it at INFO whatever the root level is.
+# hpack logs every header block it decodes at DEBUG (and, were it used to encode, device
+# and provider tokens): keep it at INFO whatever the root level is.
 logging.getLogger("hpack").setLevel(logging.INFO)
 
 PRODUCTION_URL: Final = "https://api.push.apple.com"
@@ -150,8 +143,6 @@ _MAX_RESPONSE_BODY: Final = 65536  # Apple's error bodies are a few dozen bytes
 #: out with whatever else is queued by then (a burst); a quieter one is sent at once.
 _COALESCE_AFTER: Final = 0.0005
 _CLOSE_TIMEOUT: Final = 1.0  # bounded, shielded goodbye (GOAWAY + TLS close) per connection
-_GOAWAY_FRAME: Final = 0x7
-_FRAME_HEADER: Final = 9
 
 
 # --- settings --------------------------------------------------------------------------------
@@ -435,56 +426,6 @@ class _Unprocessed(Exception):
         self.reason = reason
 
 
-class _ProtocolViolation(Exception):
-    """The server broke HTTP/2 framing in a way we check ourselves."""
-
-
-@attrs.frozen
-class _GoAway:
-    last_stream_id: int
-    error_code: int
-    debug: bytes
-
-
-class _FrameSplitter:
-    """Cuts the inbound bytes at frame boundaries and lifts GOAWAY frames out for us.
-
-    Everything else passes through to h2 unchanged (whole frames only).
-    """
-
-    def __init__(self, max_frame_size: int) -> None:
-        self._pending = b""
-        self._max_frame_size = max_frame_size
-
-    def feed(self, data: bytes) -> list[bytes | _GoAway]:
-        buf = self._pending + data if self._pending else data
-        out: list[bytes | _GoAway] = []
-        start = pos = 0
-        end = len(buf)
-        while end - pos >= _FRAME_HEADER:
-            length = int.from_bytes(buf[pos:pos + 3], "big")
-            if length > self._max_frame_size:
-                raise _ProtocolViolation("frame larger than SETTINGS_MAX_FRAME_SIZE")
-            frame_end = pos + _FRAME_HEADER + length
-            if frame_end > end:
-                break
-            if buf[pos + 3] == _GOAWAY_FRAME:
-                if length < 8:
-                    raise _ProtocolViolation("GOAWAY frame too short")
-                if pos > start:
-                    out.append(buf[start:pos])
-                payload = buf[pos + _FRAME_HEADER:frame_end]
-                out.append(_GoAway(last_stream_id=int.from_bytes(payload[:4], "big") & 0x7FFFFFFF,
-                                   error_code=int.from_bytes(payload[4:8], "big"),
-                                   debug=payload[8:]))
-                start = frame_end
-            pos = frame_end
-        if pos > start:
-            out.append(buf[start:pos])
-        self._pending = buf[pos:]
-        return out
-
-
 class _Stream:
     """One request's state, shared by the requesting task and the reader."""
 
@@ -555,92 +496,6 @@ class _Endpoint:
                 or parts.query or parts.username:
             raise PushConfigError(f"APNs {setting} must be https://host[:port]")
         return cls(url=url, host=parts.hostname, port=port, authority=parts.netloc.encode())
-
-
-# RFC 7541 Appendix A: the static-table entries our requests use.
-_STATIC_FIELDS: Final = {(b":method", b"POST"): 3, (b":scheme", b"https"): 7}
-_STATIC_NAMES: Final = {b":authority": 1, b":path": 4, b"authorization": 23,
-                        b"content-length": 28, b"content-type": 31}
-
-
-def _hpack_integer(value: int, prefix_bits: int, flags: int) -> bytes:
-    """RFC 7541 §5.1 integer with an N-bit prefix; ``flags`` fills the first byte's top bits."""
-    limit = (1 << prefix_bits) - 1
-    if value < limit:
-        return bytes((flags | value,))
-    out = bytearray((flags | limit,))
-    value -= limit
-    while value >= 0x80:
-        out.append(0x80 | (value & 0x7F))
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _hpack_string(data: bytes) -> bytes:
-    """RFC 7541 §5.2 string literal, not Huffman-coded."""
-    return _hpack_integer(len(data), 7, 0x00) + data
-
-
-class _LiteralEncoder(hpack.Encoder):
-    """HPACK for our requests without the dynamic table: static-table references and
-    literals "without indexing" / "never indexed" (RFC 7541 §6.1, §6.2.2, §6.2.3), no Huffman.
-
-    hpack's encoder searched its dynamic table for every header of every push and coded
-    Huffman in a Python loop per byte: about a fifth of a push's CPU. A push's header block
-    is then a few hundred bytes longer (the provider token goes in full each time), nothing
-    on a connection that carries thousands of pushes a second. The first block, and the first
-    after the server changes SETTINGS_HEADER_TABLE_SIZE, opens with a table size update to 0
-    (§6.3): the server's decoder keeps no state of ours.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._table_cleared = False
-        self._fields: dict[tuple[bytes | str, bytes | str], bytes] = {}
-
-    def encode(self, headers: Any, huffman: bool = True) -> bytes:
-        del huffman
-        out = bytearray()
-        if not self._table_cleared or self.table_size_changes:
-            out.append(0x20)  # dynamic table size update: 0
-            self._table_cleared = True
-            self.table_size_changes.clear()
-        fields = self._fields
-        for header in headers:
-            if isinstance(header, NeverIndexedHeaderTuple):  # per push: :path, apns-id
-                out += _hpack_field(_as_bytes(header[0]), _as_bytes(header[1]), never=True)
-                continue
-            key = (header[0], header[1])
-            coded = fields.get(key)
-            if coded is None:  # the same few on every push: coded once
-                name, value = _as_bytes(header[0]), _as_bytes(header[1])
-                coded = _hpack_field(name, value, never=name == b"authorization")
-                if len(fields) >= _FIELD_CACHE:
-                    fields.clear()
-                fields[key] = coded
-            out += coded
-        return bytes(out)
-
-
-#: Header fields whose coding a ``_LiteralEncoder`` keeps (constant ones: topic, priority...).
-_FIELD_CACHE: Final = 64
-
-
-def _hpack_field(name: bytes, value: bytes, *, never: bool) -> bytes:
-    """One header field: a static-table index, else a literal that is not indexed."""
-    index = _STATIC_FIELDS.get((name, value))
-    if index is not None:
-        return bytes((0x80 | index,))  # indexed field (§6.1)
-    name_index = _STATIC_NAMES.get(name, 0)
-    coded = _hpack_integer(name_index, 4, 0x10 if never else 0x00)
-    if not name_index:
-        coded += _hpack_string(name)
-    return coded + _hpack_string(value)
-
-
-def _as_bytes(value: bytes | str) -> bytes:
-    return value if isinstance(value, bytes) else value.encode()
 
 
 class _TlsStream:
@@ -769,31 +624,6 @@ class _TlsStream:
         return True
 
 
-class _ClientH2Connection(h2.connection.H2Connection):
-    """h2 with an O(1) open-stream count.
-
-    h2 counts open streams by walking every stream it holds each time one opens, and only
-    then drops the closed ones: O(concurrency) per push, the largest CPU cost at a few
-    hundred concurrent pushes. We enforce the server's stream limit ourselves, so h2's own
-    check gets our count (``known_open``) and the walk runs once per ``_SWEEP_EVERY`` streams.
-    """
-
-    _SWEEP_EVERY: Final = 64
-
-    def __init__(self, config: h2.config.H2Configuration) -> None:
-        super().__init__(config)
-        self.encoder = _LiteralEncoder()
-        self.known_open = 0
-        self._opened = 0
-
-    @property
-    def open_outbound_streams(self) -> int:
-        self._opened += 1
-        if self._opened % self._SWEEP_EVERY == 0:
-            return super().open_outbound_streams
-        return self.known_open
-
-
 class _Connection:
     """One HTTP/2 connection to one endpoint; runs in the client's nursery."""
 
@@ -804,22 +634,12 @@ class _Connection:
         self._ssl_context = ssl_context
         self._settings = settings
         self._on_closed = on_closed
-        config = h2.config.H2Configuration(
-            client_side=True, header_encoding=None,
-            # Our headers are built lower-case and well-formed: skip h2's per-push checks.
-            validate_outbound_headers=False, normalize_outbound_headers=False,
-            # An answer's headers are checked where they are read (``_on_event``): h2's
-            # generic checks cost ~5 % of a push and left :status unchecked.
-            validate_inbound_headers=False, normalize_inbound_headers=False)
-        self._h2 = _ClientH2Connection(config)
-        self._h2.local_settings = h2.settings.Settings(client=True, initial_values={
-            h2.settings.SettingCodes.ENABLE_PUSH: 0,
-        })
-        self._splitter = _FrameSplitter(self._h2.max_inbound_frame_size)
+        self._h2 = http2.Http2ClientConnection()
+        self._protocol_error = http2.ErrorCode.NO_ERROR  # the GOAWAY we end with
         self._tls: _TlsStream | None = None
         self._scope: trio.CancelScope | None = None
         self._streams: dict[int, _Stream] = {}
-        self._outbox = bytearray()  # h2 bytes the writer sends next (a burst, coalesced)
+        self._outbox = bytearray()  # HTTP/2 bytes the writer sends next (a burst, coalesced)
         self._last_direct = -math.inf  # when _flush_h2 last sent from its caller's task
         self._queued = 0  # bytes ever queued for the socket
         self._handed = 0  # bytes ever handed to the TLS stream (encrypted, sent or pending)
@@ -849,7 +669,7 @@ class _Connection:
         return len(self._streams) < self._limit()
 
     def _limit(self) -> int:
-        return min(self._h2.remote_settings.max_concurrent_streams,
+        return min(self._h2.max_concurrent_streams,
                    self._settings.max_concurrent_streams)
 
     # -- life cycle
@@ -942,10 +762,10 @@ class _Connection:
         with trio.move_on_after(_CLOSE_TIMEOUT):
             try:
                 if self._transport_ok:
-                    self._h2.close_connection()
+                    self._h2.close_connection(self._protocol_error)
                     tls.send_nowait(self._h2.data_to_send())
                 await tls.aclose()
-            except (h2.exceptions.H2Error, trio.BrokenResourceError, OSError):
+            except (trio.BrokenResourceError, OSError):
                 pass
         tls.close_now()
 
@@ -964,8 +784,9 @@ class _Connection:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._transport_ok = False
             self.close(f"connection lost ({_describe(exc)})")
-        except (h2.exceptions.H2Error, _ProtocolViolation) as exc:
-            self.close(f"HTTP/2 protocol error ({type(exc).__name__})")
+        except http2.Http2ProtocolError as exc:
+            self._protocol_error = exc.error_code
+            self.close(f"HTTP/2 protocol error ({exc})")
 
     async def _write_loop(self) -> None:
         """Send what ``_flush_h2`` queued, and what the socket could not take at once."""
@@ -990,7 +811,7 @@ class _Connection:
             ack = self._ping_ack = trio.Event()
             try:
                 self._h2.ping(self._ping_data)
-            except h2.exceptions.H2Error:
+            except http2.Http2StateError:
                 self.close("HTTP/2 state does not allow PING")
                 return
             self._flush_h2()
@@ -1004,21 +825,17 @@ class _Connection:
     # -- inbound
 
     def _receive(self, data: bytes) -> None:
-        for piece in self._splitter.feed(data):
-            if isinstance(piece, _GoAway):
-                self._on_goaway(piece)
-            else:
-                for event in self._h2.receive_data(piece):
-                    self._on_event(event)
+        for event in self._h2.receive_data(data):
+            self._on_event(event)
         self._flush_h2()
         self._maybe_finish_goaway()
 
-    def _on_event(self, event: h2.events.Event) -> None:
-        if isinstance(event, h2.events.ResponseReceived):
+    def _on_event(self, event: http2.Event) -> None:
+        if isinstance(event, http2.ResponseReceived):
             stream = self._streams.get(event.stream_id)
             if stream is not None:
-                # h2's inbound header checks are off (``_h2_config``): what is read here is
-                # checked here. h2 never checked :status, which int() took as it came.
+                # Checked here: h2, used before, never checked :status, and int() took it
+                # as it came.
                 for name, value in event.headers:
                     key = _text(name)
                     if key == ":status":
@@ -1029,38 +846,43 @@ class _Connection:
                         stream.status = int(value)
                     else:
                         stream.headers[key] = _text(value)
-        elif isinstance(event, h2.events.DataReceived):
-            self._h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        elif isinstance(event, http2.DataReceived):
             stream = self._streams.get(event.stream_id)
             if stream is not None and event.data \
                     and len(stream.body) + len(event.data) <= _MAX_RESPONSE_BODY:
                 stream.body += event.data
-        elif isinstance(event, h2.events.StreamEnded):
+        elif isinstance(event, http2.StreamEnded):
             stream = self._streams.get(event.stream_id)
             if stream is not None:
                 stream.closed_by_peer = True
                 if stream.status == 0:
                     stream.fail(PushError("APNs answer without :status"))
                 stream.done.set()
-        elif isinstance(event, h2.events.StreamReset):
+        elif isinstance(event, http2.StreamReset):
             stream = self._streams.get(event.stream_id)
             if stream is not None:
                 stream.closed_by_peer = True
-                if event.error_code == h2.errors.ErrorCodes.REFUSED_STREAM:
+                if event.by_peer and event.error_code == http2.ErrorCode.REFUSED_STREAM:
                     stream.fail(_Unprocessed("stream refused by the server"))
+                elif event.by_peer:
+                    stream.fail(PushError(
+                        f"APNs reset the stream ({http2.error_name(event.error_code)})"))
                 else:
-                    stream.fail(PushError(f"APNs reset the stream ({_error_name(event)})"))
-        elif isinstance(event, h2.events.WindowUpdated):
+                    stream.fail(PushError(f"APNs broke HTTP/2 on the stream "
+                                          f"({http2.error_name(event.error_code)})"))
+        elif isinstance(event, http2.WindowUpdated):
             self._window.unpark_all()
-        elif isinstance(event, h2.events.RemoteSettingsChanged):
+        elif isinstance(event, http2.GoAwayReceived):
+            self._on_goaway(event)
+        elif isinstance(event, http2.ConnectionSettingsChanged):
             self._ready.set()
             self._slots.unpark_all()
             self._window.unpark_all()
-        elif isinstance(event, h2.events.PingAckReceived) and self._ping_ack is not None \
-                and event.ping_data == self._ping_data:
+        elif isinstance(event, http2.PingAckReceived) and self._ping_ack is not None \
+                and event.data == self._ping_data:
             self._ping_ack.set()
 
-    def _on_goaway(self, goaway: _GoAway) -> None:
+    def _on_goaway(self, goaway: http2.GoAwayReceived) -> None:
         last = goaway.last_stream_id
         if self._goaway_last is None or last < self._goaway_last:
             self._goaway_last = last
@@ -1080,9 +902,9 @@ class _Connection:
     # -- outbound
 
     def _flush_h2(self) -> None:
-        """Send what h2 has queued: from the caller's task when the connection was quiet
-        (a push is on the wire before the call's task moves on), else through the writer
-        task, which sends everything queued meanwhile as one write (a burst of pushes then
+        """Send what the HTTP/2 state has queued: from the caller's task when the connection
+        was quiet (a push is on the wire before the call's task moves on), else through the
+        writer task, which sends everything queued meanwhile as one write (a burst of pushes then
         costs one TLS record and one syscall, not one each)."""
         data = self._h2.data_to_send()
         if not data:
@@ -1141,17 +963,13 @@ class _Connection:
 
         Raises ``_Unprocessed`` as ``exchange`` does.
         """
+        h2 = self._h2
         if not (self.usable and self.has_capacity) or len(body) > min(
-                self._h2.outbound_flow_control_window, self._h2.max_outbound_frame_size,
-                self._h2.remote_settings.initial_window_size):
+                h2.outbound_window, h2.max_outbound_frame_size, h2.initial_window_size):
             return False
         stream = self._open_stream(ex, headers, body)
         if body:
-            try:
-                self._h2.send_data(stream.id, body, end_stream=True)
-            except h2.exceptions.H2Error:  # our END_STREAM never left: not processed
-                self._release(stream)
-                raise _Unprocessed("stream closed before the request was complete") from None
+            h2.send_data(stream.id, body, end_stream=True)  # fits: checked above
         self._flush_h2()
         stream.end_offset = self._queued
         return True
@@ -1159,11 +977,9 @@ class _Connection:
     def _open_stream(self, ex: _Exchange, headers: list[tuple[bytes, bytes]],
                      body: bytes) -> _Stream:
         try:
-            stream_id = self._h2.get_next_available_stream_id()
-            self._h2.known_open = len(self._streams)
-            self._h2.send_headers(stream_id, headers, end_stream=not body)
-        except h2.exceptions.H2Error as exc:  # nothing of this request left us
-            self.close(f"HTTP/2 state error ({type(exc).__name__})")
+            stream_id = self._h2.send_headers(headers, end_stream=not body)
+        except http2.Http2StateError as exc:  # nothing of this request left us
+            self.close(f"HTTP/2 state error ({exc})")
             raise _Unprocessed("HTTP/2 state error") from None
         stream = ex.stream = self._streams[stream_id] = _Stream(stream_id)
         return stream
@@ -1190,8 +1006,7 @@ class _Connection:
         offset = 0
         while not stream.done.is_set():
             try:
-                window = min(self._h2.local_flow_control_window(stream.id),
-                             self._h2.max_outbound_frame_size)
+                window = self._h2.stream_window(stream.id)
                 if window <= 0:
                     self._flush_h2()  # what is queued (our HEADERS) goes while we wait
                     await self._window.park()
@@ -1200,7 +1015,7 @@ class _Connection:
                 offset += len(chunk)
                 end = offset >= len(body)
                 self._h2.send_data(stream.id, chunk, end_stream=end)
-            except h2.exceptions.H2Error:
+            except http2.Http2StateError:
                 # Our END_STREAM never left: the server cannot have acted on the request.
                 stream.fail(_Unprocessed("stream closed before the request was complete"))
                 return
@@ -1214,16 +1029,10 @@ class _Connection:
         del self._streams[stream.id]
         if self._close_reason is None and not (stream.closed_by_peer
                                                and stream.end_offset is not None):
-            with contextlib.suppress(h2.exceptions.H2Error):  # already closed in h2
-                self._h2.reset_stream(stream.id, h2.errors.ErrorCodes.CANCEL)
+            self._h2.reset_stream(stream.id, http2.ErrorCode.CANCEL)  # no-op once closed
             self._flush_h2()
         self._slots.unpark()
         self._maybe_finish_goaway()
-
-
-def _error_name(event: h2.events.StreamReset) -> str:
-    code = event.error_code
-    return code.name if isinstance(code, h2.errors.ErrorCodes) else str(code)
 
 
 @attrs.define

@@ -793,40 +793,6 @@ async def test_logs_never_hold_the_device_token_or_the_provider_token(
         assert push.jwt.split(".")[2] not in caplog.text
 
 
-# --- HPACK --------------------------------------------------------------------------------
-
-
-def test_request_header_blocks_decode_to_the_headers_and_leave_no_decoder_state() -> None:
-    """Our encoder (static table and literals only) is read back by a real HPACK decoder, the
-    same headers in order, the sensitive ones flagged never-indexed, and the decoder's
-    dynamic table stays empty across pushes and a table size change."""
-    import hpack
-
-    from sipis.push.apns import _LiteralEncoder
-
-    encoder, decoder = _LiteralEncoder(), hpack.Decoder()
-    token = "a" * 64
-    for n in range(3):
-        headers = [(b":method", b"POST"), (b":scheme", b"https"),
-                   (b":authority", b"api.push.apple.com"),
-                   hpack.NeverIndexedHeaderTuple(b":path", f"/3/device/{token}".encode()),
-                   (b"authorization", b"bearer " + b"j" * 300),  # long: multi-byte lengths
-                   (b"apns-topic", b"com.example.phone.voip"), (b"apns-push-type", b"voip"),
-                   (b"apns-priority", b"10"), (b"apns-expiration", b"0"),
-                   hpack.NeverIndexedHeaderTuple(b"apns-id", f"id-{n}".encode())]
-        if n == 2:
-            encoder.header_table_size = 1024  # the server's SETTINGS changed it
-        block = encoder.encode(headers)
-        # The first block, and the first after a change, open with "table size 0"; the
-        # others with :method POST, static index 3.
-        assert block[:2] == (b"\x83\x87" if n == 1 else b"\x20\x83")
-        decoded = decoder.decode(block, raw=True)
-        assert [(h[0], h[1]) for h in decoded] == [(h[0], h[1]) for h in headers]
-        never = {h[0] for h in decoded if isinstance(h, hpack.NeverIndexedHeaderTuple)}
-        assert never == {b":path", b"authorization", b"apns-id"}
-        assert len(decoder.header_table.dynamic_entries) == 0
-
-
 # --- the connection's writes ----------------------------------------------------------------
 
 class RecordingTls:
@@ -997,3 +963,61 @@ async def test_an_answer_with_an_invalid_status_fails_its_push_not_the_connectio
             await failed.wait()
         nursery.cancel_scope.cancel()
     assert conn.usable
+
+
+async def test_a_server_that_breaks_http2_ends_the_connection_with_goaway_protocol_error(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """A frame no server may send (PUSH_PROMISE: push is disabled) ends the connection: the
+    push in flight fails as possibly delivered (never resent), and the goodbye is a GOAWAY
+    naming PROTOCOL_ERROR."""
+    conn, tls = quiet_connection()
+    inbound: trio.MemorySendChannel[bytes]
+    inbound, reads = trio.open_memory_channel[bytes](10)
+    closed: list[bool] = []
+
+    async def receive_some(max_bytes: int) -> bytes:
+        return await reads.receive()
+
+    async def aclose() -> None:
+        closed.append(True)
+
+    tls.receive_some = receive_some  # type: ignore[attr-defined]
+    tls.aclose = aclose  # type: ignore[attr-defined]
+    tls.close_now = lambda: None  # type: ignore[attr-defined]
+    conn._h2.initiate_connection()
+    conn._flush_h2()
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    server.initiate_connection()
+    server.receive_data(tls.writes[0])
+    await inbound.send(server.data_to_send())
+    autojump_clock.jump(1.0)  # the preface is long gone: the push is written at once
+    headers = [(b":method", b"POST"), (b":scheme", b"https"), (b":authority", b"apns"),
+               (b":path", b"/3/device/" + b"a" * 64)]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(conn._read_loop)
+        nursery.start_soon(conn._write_loop)
+        await trio.testing.wait_all_tasks_blocked()
+        assert conn._ready.is_set()
+        failed = trio.Event()
+
+        async def push() -> None:
+            with pytest.raises(PushError, match="lost after sending") as info:
+                await conn.exchange(_Exchange(), headers, b'{"aps":{}}')
+            assert not isinstance(info.value, PushRetryable)
+            failed.set()
+
+        nursery.start_soon(push)
+        await trio.testing.wait_all_tasks_blocked()
+        # PUSH_PROMISE on stream 1, promising stream 2.
+        await inbound.send(b"\x00\x00\x05\x05\x04\x00\x00\x00\x01\x00\x00\x00\x02\x88")
+        await trio.testing.wait_all_tasks_blocked()
+        assert conn._close_reason is not None and "PROTOCOL_ERROR" in conn._close_reason
+        conn._fail_streams()
+        with trio.fail_after(5):
+            await failed.wait()
+        written = len(tls.writes)
+        await conn._shutdown_transport()
+        assert closed
+        goaway = tls.writes[written]
+        assert goaway[3] == 0x7 and goaway[-4:] == b"\x00\x00\x00\x01"  # PROTOCOL_ERROR
+        nursery.cancel_scope.cancel()
