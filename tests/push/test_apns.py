@@ -8,6 +8,7 @@ import collections
 import functools
 import json
 import logging
+import math
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -18,6 +19,7 @@ import attrs
 import h2.config
 import h2.connection
 import h2.errors
+import h2.settings
 import pytest
 import trio
 import trio.testing
@@ -866,7 +868,7 @@ async def test_a_push_on_a_quiet_connection_is_one_write(
     headers = [(b":method", b"POST"), (b":scheme", b"https"), (b":authority", b"apns"),
                (b":path", b"/3/device/" + b"a" * 64)]
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(conn.exchange, _Exchange(), headers, b'{"aps":{}}')
+        nursery.start_soon(conn.exchange, _Exchange(), headers, b'{"aps":{}}', math.inf)
         await trio.testing.wait_all_tasks_blocked()
         assert len(tls.writes) == writes + 1  # one write, from the pushing task
         events = server.receive_data(tls.writes[-1])
@@ -949,7 +951,7 @@ async def test_an_answer_with_an_invalid_status_fails_its_push_not_the_connectio
 
         async def push() -> None:
             with pytest.raises(PushError, match="invalid :status"):
-                await conn.exchange(ex, headers, b'{"aps":{}}')
+                await conn.exchange(ex, headers, b'{"aps":{}}', math.inf)
             failed.set()
 
         nursery.start_soon(push)
@@ -1002,7 +1004,7 @@ async def test_a_server_that_breaks_http2_ends_the_connection_with_goaway_protoc
 
         async def push() -> None:
             with pytest.raises(PushError, match="lost after sending") as info:
-                await conn.exchange(_Exchange(), headers, b'{"aps":{}}')
+                await conn.exchange(_Exchange(), headers, b'{"aps":{}}', math.inf)
             assert not isinstance(info.value, PushRetryable)
             failed.set()
 
@@ -1020,4 +1022,86 @@ async def test_a_server_that_breaks_http2_ends_the_connection_with_goaway_protoc
         assert closed
         goaway = tls.writes[written]
         assert goaway[3] == 0x7 and goaway[-4:] == b"\x00\x00\x00\x01"  # PROTOCOL_ERROR
+        nursery.cancel_scope.cancel()
+
+
+def _served_connection(**server_settings: int) -> tuple[Any, RecordingTls]:
+    """A quiet connection past an h2 server's preface (with these settings)."""
+    conn, tls = quiet_connection()
+    conn._h2.initiate_connection()
+    conn._flush_h2()
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    if server_settings:
+        server.local_settings = h2.settings.Settings(client=False, initial_values={
+            getattr(h2.settings.SettingCodes, name.upper()): value
+            for name, value in server_settings.items()})
+    server.initiate_connection()
+    server.receive_data(tls.writes[0])
+    conn._receive(server.data_to_send())
+    return conn, tls
+
+
+HEADERS = [(b":method", b"POST"), (b":scheme", b"https"), (b":authority", b"apns"),
+           (b":path", b"/3/device/" + b"a" * 64)]
+
+
+@pytest.mark.parametrize(("window", "sent"), [(65_535, True), (0, False)])
+async def test_an_unanswered_push_times_out_at_its_deadline_without_a_scope_of_its_own(
+        autojump_clock: trio.testing.MockClock, window: int, sent: bool) -> None:
+    """The connection's deadline loop fails a stream whose deadline passed, at most
+    _DEADLINE_SLACK of the timeout late: sent and unanswered, or still waiting for
+    flow-control window (then its END_STREAM never left: not processed). With nothing in
+    flight the loop sleeps until the next answer is awaited."""
+    import sipis.push.apns as apns
+
+    conn, _ = _served_connection(initial_window_size=window)
+    assert conn._settings.request_timeout == 10.0
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(conn._write_loop)
+        nursery.start_soon(conn._deadline_loop)
+        await trio.testing.wait_all_tasks_blocked()
+        assert conn._deadlines_idle
+        ex = _Exchange()
+        start = trio.current_time()
+        with trio.fail_after(30), pytest.raises(apns._TimedOut):  # a mutant fails, not hangs
+            await conn.exchange(ex, HEADERS, b'{"aps":{}}', start + 10.0)
+        waited = trio.current_time() - start
+        assert 10.0 <= waited <= 10.0 * (1 + apns._DEADLINE_SLACK)
+        assert ex.stream is not None and (ex.stream.end_offset is not None) is sent
+        assert conn.load == 0  # released
+        await trio.testing.wait_all_tasks_blocked()
+        assert conn._deadlines_idle
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_push_answered_in_time_is_not_timed_out_and_the_loop_goes_idle(
+        autojump_clock: trio.testing.MockClock) -> None:
+    conn, tls = _served_connection()
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    server.initiate_connection()
+    for data in tls.writes:
+        server.receive_data(data)
+    sent = len(tls.writes)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(conn._write_loop)
+        nursery.start_soon(conn._deadline_loop)
+        ex = _Exchange()
+        done = trio.Event()
+
+        async def push() -> None:
+            await conn.exchange(ex, HEADERS, b'{"aps":{}}', trio.current_time() + 10.0)
+            done.set()
+
+        nursery.start_soon(push)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not conn._deadlines_idle
+        await trio.sleep(9.0)
+        for data in tls.writes[sent:]:
+            server.receive_data(data)
+        server.send_headers(1, [(b":status", b"200")], end_stream=True)
+        conn._receive(server.data_to_send())
+        await done.wait()
+        assert ex.stream is not None and ex.stream.status == 200
+        await trio.sleep(5.0)  # past the old deadline: the loop scanned, found nothing
+        assert conn._deadlines_idle
         nursery.cancel_scope.cancel()
